@@ -1,0 +1,1 @@
+"""A software IC card that answers ISO 7816-4 APDUs for ISCL authentication."""
