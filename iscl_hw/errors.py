@@ -28,6 +28,7 @@ __all__ = [
     "PeerAuthenticationFailed",
     "PeerRefusedClose",
     "PeerRejectedAuthentication",
+    "PeerTimeout",
     "ProtocolError",
     "RemoteProtocolError",
     "StatusWordError",
@@ -81,6 +82,10 @@ class IntegrityError(RemoteProtocolError):
 
 class ConnectionLost(RemoteProtocolError):
     """The transport ended before the ISCL conversation did."""
+
+
+class PeerTimeout(ConnectionLost):
+    """The peer did not answer within the time allowed for the phase."""
 
 
 class TransmissionRefused(IsclError):

@@ -1,0 +1,152 @@
+"""What the blocking and the asyncio drivers share: timeouts, the routing of
+core events, and the card span bookkeeping."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+from iscl_hw.arbiter import CardArbiter
+from iscl_hw.core import Connection, Phase
+from iscl_hw.errors import CardError, IsclError, PeerRefusedClose, TransmissionRefused
+from iscl_hw.events import (
+    Authenticated,
+    CardOperation,
+    CardRequest,
+    CloseRefused,
+    ConnectionClosed,
+    Event,
+    LineConnected,
+    MessageReceived,
+    MessageSent,
+    SendRefused,
+    ThroughModeReceived,
+)
+
+__all__ = ["Endpoint", "Timeouts"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds allowed for each phase; None waits for ever."""
+
+    #: Line connection and mutual authentication together.
+    handshake: float = 10.0
+    #: The peer's next pass while this side holds its card span: short, since
+    #: every other handshake on the card waits meanwhile.
+    peer_answer: float = 3.0
+    #: Between two frames of a transmission, and for answers to our requests.
+    transmission: float = 30.0
+    #: Line disconnection, from request to answer.
+    disconnection: float = 10.0
+    #: Nothing in flight in either direction.
+    idle: float | None = None
+
+
+class Endpoint:
+    """Routes the events of one :class:`Connection` into queues and results."""
+
+    def __init__(self, conn: Connection, arbiter: CardArbiter, timeouts: Timeouts) -> None:
+        self.conn = conn
+        self.arbiter = arbiter
+        self.timeouts = timeouts
+        self.started = time.monotonic()
+        self.messages: collections.deque[MessageReceived | ThroughModeReceived] = (
+            collections.deque()
+        )
+        self.sent: dict[int, MessageSent | SendRefused] = {}
+        self.authenticated: Authenticated | None = None
+        self.closed: ConnectionClosed | None = None
+        self.close_refused = False
+        self.error: IsclError | None = None
+
+    # -- timing ---------------------------------------------------------------
+
+    def read_timeout(self) -> float | None:
+        """How long the next read may wait, from the phase we are in."""
+        conn = self.conn
+        phase = conn.phase
+        if phase in (Phase.LINE_CONNECTION, Phase.MUTUAL_AUTHENTICATION):
+            left = self.started + self.timeouts.handshake - time.monotonic()
+            if conn.card_span_open:
+                left = min(left, self.timeouts.peer_answer)
+            return max(left, 0.0)
+        if phase is Phase.DISCONNECTION:
+            return self.timeouts.disconnection
+        if conn.receiving or conn.sending:
+            return self.timeouts.transmission
+        return self.timeouts.idle
+
+    # -- card -------------------------------------------------------------------
+
+    def needs_span(self, request: CardRequest) -> bool:
+        return request.operation is CardOperation.GET_CHALLENGE and not self.arbiter.holds(
+            self
+        )
+
+    def run_card(self, request: CardRequest) -> None:
+        """Run a card request whose span (if it needs one) is held."""
+        try:
+            answer = self.arbiter.run(self, request)
+        except CardError as exc:
+            self.conn.card_failed(exc)
+        else:
+            self.conn.card_answer(answer)
+        self.release_span_if_done()
+
+    def release_span_if_done(self) -> None:
+        if not self.conn.card_span_open:
+            self.arbiter.release(self)
+
+    # -- events ------------------------------------------------------------------
+
+    def route(self, event: Event) -> None:
+        if isinstance(event, MessageReceived | ThroughModeReceived):
+            self.messages.append(event)
+        elif isinstance(event, MessageSent | SendRefused):
+            self.sent[event.send_id] = event
+        elif isinstance(event, Authenticated):
+            self.authenticated = event
+            log.info(
+                "%s: authenticated with key %d, block length %d",
+                self.conn.role.value,
+                event.key_index,
+                self.conn.block_length,
+            )
+        elif isinstance(event, ConnectionClosed):
+            self.closed = event
+        elif isinstance(event, CloseRefused):
+            self.close_refused = True
+        elif isinstance(event, LineConnected):
+            log.debug("%s: line connected, block %d", self.conn.role.value, event.block_length)
+
+    def failed(self, error: IsclError) -> None:
+        self.error = error
+        self.arbiter.release(self)
+
+    def take_sent(self, send_id: int) -> bool:
+        """True once ``send_id`` is through; raises if the peer refused it."""
+        result = self.sent.pop(send_id, None)
+        if result is None:
+            return False
+        if isinstance(result, SendRefused):
+            raise TransmissionRefused(
+                f"peer refused the message ({result.code.name})"
+                + (
+                    f"; its maximum message length is {result.peer_max_length}"
+                    if result.peer_max_length is not None
+                    else ""
+                ),
+                result.code,
+                result.peer_max_length,
+            )
+        return True
+
+    def take_close_refused(self) -> None:
+        if self.close_refused:
+            self.close_refused = False
+            raise PeerRefusedClose("peer refused the line disconnection")

@@ -1,0 +1,223 @@
+"""Blocking API: one ISCL connection over a socket, driven from one thread.
+
+>>> with iscl_hw.connect("127.0.0.1", 2761, card=card, keys=keys) as ch:
+...     ch.send(b"hello")
+...     reply = ch.recv()
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+from collections.abc import Callable
+from types import TracebackType
+
+from iscl_hw.arbiter import CardArbiter
+from iscl_hw.card import Card
+from iscl_hw.core import Connection, Role
+from iscl_hw.endpoint import Endpoint, Timeouts
+from iscl_hw.errors import ConnectionLost, IsclError, LocalProtocolError, PeerTimeout
+from iscl_hw.events import AWAITING_CARD, NEED_DATA, CardRequest
+from iscl_hw.settings import KeyProvider, Settings
+
+__all__ = ["Channel", "accept", "connect"]
+
+log = logging.getLogger(__name__)
+
+_READ_SIZE = 65536
+
+
+class Channel:
+    """A blocking ISCL connection whose handshake has completed."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        role: Role,
+        card: Card | CardArbiter,
+        keys: KeyProvider,
+        settings: Settings,
+        timeouts: Timeouts,
+    ) -> None:
+        self._sock = sock
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ)
+        self._endpoint = Endpoint(
+            Connection(role, settings, keys), CardArbiter.for_card(card), timeouts
+        )
+        try:
+            self._flush()
+            self._pump_until(lambda: self._endpoint.authenticated is not None)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<Channel {self._endpoint.conn!r}>"
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def connection(self) -> Connection:
+        """The protocol core: negotiated block length, peer diagnostics."""
+        return self._endpoint.conn
+
+    @property
+    def peer_auth_data(self) -> bytes:
+        return self._endpoint.conn.peer_auth_data or b""
+
+    def send(self, data: bytes) -> None:
+        """Send one secured message; returns once the peer accepted it and it
+        is written.  Raises TransmissionRefused if the peer refused it."""
+        self._send(self._endpoint.conn.send_message(data))
+
+    def send_through(self, data: bytes) -> None:
+        """Send one unsecured (through mode) message."""
+        self._send(self._endpoint.conn.send_through(data))
+
+    def _send(self, send_id: int) -> None:
+        self._flush()
+        self._pump_until(lambda: self._endpoint.take_sent(send_id))
+
+    def recv(self) -> bytes:
+        """The next whole message from the peer (only after its MAC check)."""
+        endpoint = self._endpoint
+        self._pump_until(lambda: bool(endpoint.messages) or endpoint.closed is not None)
+        if not endpoint.messages:
+            raise ConnectionLost("peer closed the line; no message left")
+        return endpoint.messages.popleft().data
+
+    def disconnect(self) -> None:
+        """Line disconnection.  Raises PeerRefusedClose (the line stays open)
+        if the peer refuses."""
+        endpoint = self._endpoint
+        if endpoint.closed is not None:
+            return
+        endpoint.conn.request_disconnection()
+        self._flush()
+        self._pump_until(lambda: endpoint.closed is not None or endpoint.close_refused)
+        endpoint.take_close_refused()
+        self.abort()
+
+    def close(self) -> None:
+        """Disconnect, and close the socket whatever the peer answers."""
+        try:
+            if self._endpoint.error is None and self._sock.fileno() >= 0:
+                self.disconnect()
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the socket at once, without line disconnection."""
+        self._endpoint.arbiter.release(self._endpoint)
+        if self._sock.fileno() >= 0:
+            self._selector.close()
+            self._sock.close()
+
+    # -- the pump ----------------------------------------------------------------
+
+    def _pump_until(self, done: Callable[[], bool]) -> None:
+        endpoint = self._endpoint
+        if endpoint.error is not None:
+            raise LocalProtocolError(f"connection failed earlier: {endpoint.error}")
+        try:
+            while not done():
+                if endpoint.closed is not None:
+                    raise ConnectionLost("the line is closed")
+                self._process_events()
+                if done():
+                    return
+                self._read()
+        except IsclError as exc:
+            endpoint.failed(exc)
+            self._flush_quietly()
+            self.abort()
+            raise
+
+    def _process_events(self) -> None:
+        endpoint = self._endpoint
+        while True:
+            event = endpoint.conn.next_event()
+            if event is NEED_DATA or event is AWAITING_CARD:
+                break
+            if isinstance(event, CardRequest):
+                if endpoint.needs_span(event):
+                    endpoint.arbiter.acquire(endpoint)
+                endpoint.run_card(event)
+            else:
+                endpoint.route(event)
+            self._flush()
+        self._flush()
+
+    def _read(self) -> None:
+        conn = self._endpoint.conn
+        timeout = self._endpoint.read_timeout()
+        if not self._selector.select(timeout):
+            raise PeerTimeout(f"peer sent nothing for {timeout:g} s during {conn.phase.value}")
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except OSError as exc:
+            raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
+        conn.receive_data(data)
+
+    def _flush(self) -> None:
+        data = self._endpoint.conn.data_to_send()
+        if not data:
+            return
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
+
+    def _flush_quietly(self) -> None:
+        try:
+            self._flush()
+        except IsclError:
+            pass
+
+
+def connect(
+    host: str,
+    port: int,
+    *,
+    card: Card | CardArbiter,
+    keys: KeyProvider,
+    settings: Settings | None = None,
+    timeouts: Timeouts | None = None,
+) -> Channel:
+    """Open an ISCL connection as client and run line connection and mutual
+    authentication; returns a :class:`Channel` ready for messages."""
+    timeouts = timeouts or Timeouts()
+    sock = socket.create_connection((host, port), timeout=timeouts.handshake)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)
+    return Channel(sock, Role.CLIENT, card, keys, settings or Settings(), timeouts)
+
+
+def accept(
+    sock: socket.socket,
+    *,
+    card: Card | CardArbiter,
+    keys: KeyProvider,
+    settings: Settings | None = None,
+    timeouts: Timeouts | None = None,
+) -> Channel:
+    """Run the server side of the handshake on an accepted socket."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Channel(
+        sock, Role.SERVER, card, keys, settings or Settings(), timeouts or Timeouts()
+    )
+
