@@ -42,7 +42,9 @@ class CardArbiter:
         self._state = threading.Condition()
         self._owner: object | None = None
         self._waiting = 0
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._async_waiters: list[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
+        ] = []
         self._outstanding = b""
 
     @classmethod

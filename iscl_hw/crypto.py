@@ -70,11 +70,11 @@ class PaddingError(ValueError):
 
 
 # The two names below follow cryptography.exceptions, hence no Error suffix.
-class AlreadyFinalized(Exception):  # noqa: N818
+class AlreadyFinalized(Exception):
     """A streaming object was used after ``finalize()`` or ``verify()``."""
 
 
-class InvalidMac(Exception):  # noqa: N818
+class InvalidMac(Exception):
     """A MAC did not match."""
 
 

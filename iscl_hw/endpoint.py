@@ -50,7 +50,9 @@ class Timeouts:
 class Endpoint:
     """Routes the events of one :class:`Connection` into queues and results."""
 
-    def __init__(self, conn: Connection, arbiter: CardArbiter, timeouts: Timeouts) -> None:
+    def __init__(
+        self, conn: Connection, arbiter: CardArbiter, timeouts: Timeouts
+    ) -> None:
         self.conn = conn
         self.arbiter = arbiter
         self.timeouts = timeouts
@@ -84,8 +86,9 @@ class Endpoint:
     # -- card -------------------------------------------------------------------
 
     def needs_span(self, request: CardRequest) -> bool:
-        return request.operation is CardOperation.GET_CHALLENGE and not self.arbiter.holds(
-            self
+        return (
+            request.operation is CardOperation.GET_CHALLENGE
+            and not self.arbiter.holds(self)
         )
 
     def run_card(self, request: CardRequest) -> None:
@@ -122,7 +125,9 @@ class Endpoint:
         elif isinstance(event, CloseRefused):
             self.close_refused = True
         elif isinstance(event, LineConnected):
-            log.debug("%s: line connected, block %d", self.conn.role.value, event.block_length)
+            log.debug(
+                "%s: line connected, block %d", self.conn.role.value, event.block_length
+            )
 
     def failed(self, error: IsclError) -> None:
         self.error = error

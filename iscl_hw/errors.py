@@ -183,4 +183,3 @@ class VerificationFailed(StatusWordError):
     def __init__(self, message: str, sw1: int, sw2: int) -> None:
         super().__init__(message, sw1, sw2)
         self.retries_left: int | None = sw2 & 0x0F if sw2 & 0xF0 == 0xC0 else None
-

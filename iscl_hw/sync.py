@@ -18,7 +18,7 @@ from iscl_hw.card import Card
 from iscl_hw.core import Connection, Role
 from iscl_hw.endpoint import Endpoint, Timeouts
 from iscl_hw.errors import ConnectionLost, IsclError, LocalProtocolError, PeerTimeout
-from iscl_hw.events import AWAITING_CARD, NEED_DATA, CardRequest
+from iscl_hw.events import CardRequest, Sentinel
 from iscl_hw.settings import KeyProvider, Settings
 
 __all__ = ["Channel", "accept", "connect"]
@@ -151,7 +151,7 @@ class Channel:
         endpoint = self._endpoint
         while True:
             event = endpoint.conn.next_event()
-            if event is NEED_DATA or event is AWAITING_CARD:
+            if isinstance(event, Sentinel):
                 break
             if isinstance(event, CardRequest):
                 if endpoint.needs_span(event):
@@ -166,7 +166,9 @@ class Channel:
         conn = self._endpoint.conn
         timeout = self._endpoint.read_timeout()
         if not self._selector.select(timeout):
-            raise PeerTimeout(f"peer sent nothing for {timeout:g} s during {conn.phase.value}")
+            raise PeerTimeout(
+                f"peer sent nothing for {timeout:g} s during {conn.phase.value}"
+            )
         try:
             data = self._sock.recv(_READ_SIZE)
         except OSError as exc:
@@ -220,4 +222,3 @@ def accept(
     return Channel(
         sock, Role.SERVER, card, keys, settings or Settings(), timeouts or Timeouts()
     )
-

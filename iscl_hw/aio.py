@@ -1,0 +1,362 @@
+"""asyncio driver: ISCL clients and servers on asyncio streams.
+
+Each connection runs one reader task that feeds the protocol core, runs the
+card requests it asks for and routes its events; the caller's coroutines
+send and receive whole messages.  Both directions flow at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+from iscl_hw.arbiter import CardArbiter
+from iscl_hw.card import Card
+from iscl_hw.core import Connection, Role
+from iscl_hw.endpoint import Endpoint, Timeouts
+from iscl_hw.errors import (
+    AuthenticationError,
+    ConnectionLost,
+    IsclError,
+    PeerTimeout,
+)
+from iscl_hw.events import (
+    CardRequest,
+    MessageReceived,
+    Sentinel,
+    ThroughModeReceived,
+)
+from iscl_hw.ratelimit import FailureLimiter
+from iscl_hw.settings import KeyProvider, Settings
+
+__all__ = ["AsyncChannel", "open_connection", "start_server"]
+
+log = logging.getLogger(__name__)
+
+_READ_SIZE = 65536
+
+
+class AsyncChannel:
+    """One ISCL connection on asyncio streams."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        role: Role,
+        card: Card | CardArbiter,
+        keys: KeyProvider,
+        settings: Settings,
+        timeouts: Timeouts,
+        *,
+        max_queued_messages: int = 16,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._endpoint = Endpoint(
+            Connection(role, settings, keys), CardArbiter.for_card(card), timeouts
+        )
+        self._max_queued = max_queued_messages
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._finished = False
+
+    def __repr__(self) -> str:
+        return f"<AsyncChannel {self._endpoint.conn!r}>"
+
+    async def __aenter__(self) -> AsyncChannel:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            await self.abort()
+
+    @property
+    def connection(self) -> Connection:
+        return self._endpoint.conn
+
+    @property
+    def peer_auth_data(self) -> bytes:
+        return self._endpoint.conn.peer_auth_data or b""
+
+    @property
+    def peer_address(self) -> object:
+        return self._writer.get_extra_info("peername")
+
+    async def handshake(self) -> None:
+        """Run line connection and mutual authentication."""
+        self._task = asyncio.create_task(self._run())
+        await self._wait(lambda: self._endpoint.authenticated is not None)
+
+    # -- messages -------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        """Send one secured message; returns once the peer accepted it and it
+        is written.  Raises TransmissionRefused if the peer refused it."""
+        await self._send(self._endpoint.conn.send_message(data))
+
+    async def send_through(self, data: bytes) -> None:
+        """Send one unsecured (through mode) message."""
+        await self._send(self._endpoint.conn.send_through(data))
+
+    async def _send(self, send_id: int) -> None:
+        await self._flush()
+        await self._wait(lambda: self._endpoint.take_sent(send_id))
+
+    async def recv_message(self) -> MessageReceived | ThroughModeReceived:
+        """The next whole message from the peer, with how it was protected."""
+        endpoint = self._endpoint
+        await self._wait(lambda: bool(endpoint.messages), allow_closed=True)
+        if not endpoint.messages:
+            raise ConnectionLost("peer closed the line; no message left")
+        message = endpoint.messages.popleft()
+        async with self._changed:
+            self._changed.notify_all()
+        return message
+
+    async def recv(self) -> bytes:
+        """The data of the next whole message (only after its MAC check)."""
+        return (await self.recv_message()).data
+
+    # -- closing ----------------------------------------------------------------
+
+    async def disconnect(self) -> None:
+        """Line disconnection.  Raises PeerRefusedClose, and the line stays
+        open, if the peer refuses."""
+        endpoint = self._endpoint
+        if endpoint.closed is not None:
+            return
+        endpoint.conn.request_disconnection()
+        await self._flush()
+        await self._wait(
+            lambda: endpoint.closed is not None or endpoint.close_refused,
+            allow_closed=True,
+        )
+        endpoint.take_close_refused()
+        await self.abort()
+
+    async def close(self) -> None:
+        """Disconnect, and close the transport whatever the peer answers."""
+        try:
+            if self._endpoint.error is None and not self._finished:
+                await self.disconnect()
+        finally:
+            await self.abort()
+
+    async def abort(self) -> None:
+        """Close the transport at once, without line disconnection."""
+        self._endpoint.arbiter.release(self._endpoint)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._close_transport()
+
+    async def _close_transport(self) -> None:
+        if self._writer.is_closing():
+            return
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except OSError:
+            pass
+
+    # -- the reader task ----------------------------------------------------------
+
+    async def _wait(
+        self, done: Callable[[], bool], *, allow_closed: bool = False
+    ) -> None:
+        endpoint = self._endpoint
+        finished = False
+
+        def ready() -> bool:
+            nonlocal finished
+            finished = done()
+            return finished or self._finished
+
+        async with self._changed:
+            await self._changed.wait_for(ready)
+        if finished:
+            return
+        if endpoint.error is not None:
+            raise endpoint.error
+        if not allow_closed:
+            raise ConnectionLost("the line is closed")
+
+    async def _run(self) -> None:
+        endpoint = self._endpoint
+        try:
+            while endpoint.closed is None:
+                await self._process_events()
+                if endpoint.closed is not None:
+                    break
+                await self._backpressure()
+                endpoint.conn.receive_data(await self._read())
+        except IsclError as exc:
+            endpoint.failed(exc)
+            await self._flush_quietly()
+            log.debug("%s failed: %s", endpoint.conn.role.value, exc)
+        except Exception:
+            log.exception(
+                "%s: internal error; connection dropped", endpoint.conn.role.value
+            )
+            raise
+        finally:
+            endpoint.arbiter.release(endpoint)
+            self._finished = True
+            await self._close_transport()
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _process_events(self) -> None:
+        endpoint = self._endpoint
+        while True:
+            event = endpoint.conn.next_event()
+            if isinstance(event, Sentinel):
+                break
+            if isinstance(event, CardRequest):
+                if endpoint.needs_span(event):
+                    await endpoint.arbiter.acquire_async(endpoint)
+                endpoint.run_card(event)
+            else:
+                endpoint.route(event)
+        await self._flush()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _backpressure(self) -> None:
+        # A consumer that does not read makes us stop reading the socket, so
+        # TCP flow control slows the peer instead of our memory growing.
+        endpoint = self._endpoint
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: len(endpoint.messages) < self._max_queued
+            )
+
+    async def _read(self) -> bytes:
+        endpoint = self._endpoint
+        timeout = endpoint.read_timeout()
+        try:
+            return await asyncio.wait_for(self._reader.read(_READ_SIZE), timeout)
+        except TimeoutError:
+            raise PeerTimeout(
+                f"peer sent nothing for {timeout:g} s during "
+                f"{endpoint.conn.phase.value}"
+            ) from None
+        except OSError as exc:
+            raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
+
+    async def _flush(self) -> None:
+        data = self._endpoint.conn.data_to_send()
+        if not data or self._writer.is_closing():
+            return
+        self._writer.write(data)
+        try:
+            await self._writer.drain()
+        except OSError as exc:
+            raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except IsclError:
+            pass
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    card: Card | CardArbiter,
+    keys: KeyProvider,
+    settings: Settings | None = None,
+    timeouts: Timeouts | None = None,
+) -> AsyncChannel:
+    """Connect as client and authenticate; returns a ready channel."""
+    timeouts = timeouts or Timeouts()
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), timeouts.handshake
+        )
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionLost(f"cannot connect to {host}:{port}: {exc}") from exc
+    channel = AsyncChannel(
+        reader, writer, Role.CLIENT, card, keys, settings or Settings(), timeouts
+    )
+    try:
+        await channel.handshake()
+    except BaseException:
+        await channel.abort()
+        raise
+    return channel
+
+
+Handler = Callable[[AsyncChannel], Awaitable[None]]
+
+
+async def start_server(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    card: Card | CardArbiter,
+    keys: KeyProvider,
+    settings: Settings | None = None,
+    timeouts: Timeouts | None = None,
+    limiter: FailureLimiter | None = None,
+) -> asyncio.Server:
+    """Accept ISCL connections; ``handler`` gets each authenticated channel
+    and the line is closed when it returns."""
+    settings = settings or Settings()
+    timeouts = timeouts or Timeouts()
+    limiter = limiter or FailureLimiter()
+
+    async def on_client(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        channel = AsyncChannel(
+            reader, writer, Role.SERVER, card, keys, settings, timeouts
+        )
+        peer = _host_of(channel.peer_address)
+        if limiter.blocked(peer):
+            log.warning("refused %s: too many failed authentications", peer)
+            await channel.abort()
+            return
+        try:
+            await channel.handshake()
+        except IsclError as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, IsclError) else exc
+            if isinstance(cause, AuthenticationError):
+                limiter.failure(peer)
+            log.warning("handshake with %s failed: %s", peer, cause)
+            await channel.abort()
+            return
+        limiter.success(peer)
+        try:
+            await handler(channel)
+        except IsclError as exc:
+            log.warning("connection with %s ended: %s", peer, exc)
+        finally:
+            try:
+                await channel.close()
+            except IsclError as exc:
+                log.info("closing the line with %s: %s", peer, exc)
+
+    return await asyncio.start_server(on_client, host, port)
+
+
+def _host_of(address: object) -> str:
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)

@@ -1,0 +1,59 @@
+"""Per-peer limit on failed authentications.
+
+The host-side check before EXTERNAL AUTHENTICATE already keeps an
+unauthenticated peer away from the card's retry counter; this limit also
+keeps such a peer from using the card as a free challenge and INTERNAL
+AUTHENTICATE service: after ``max_failures`` failures within ``window``
+seconds, its new connections are refused for ``cooldown`` seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+
+__all__ = ["FailureLimiter"]
+
+
+class FailureLimiter:
+    def __init__(
+        self,
+        max_failures: int = 5,
+        window: float = 60.0,
+        cooldown: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.cooldown = cooldown
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures: dict[str, collections.deque[float]] = {}
+        self._blocked_until: dict[str, float] = {}
+
+    def blocked(self, peer: str) -> bool:
+        with self._lock:
+            until = self._blocked_until.get(peer)
+            if until is None:
+                return False
+            if self._clock() < until:
+                return True
+            del self._blocked_until[peer]
+            return False
+
+    def failure(self, peer: str) -> None:
+        now = self._clock()
+        with self._lock:
+            times = self._failures.setdefault(peer, collections.deque())
+            times.append(now)
+            while times and times[0] <= now - self.window:
+                times.popleft()
+            if len(times) >= self.max_failures:
+                self._blocked_until[peer] = now + self.cooldown
+                del self._failures[peer]
+
+    def success(self, peer: str) -> None:
+        with self._lock:
+            self._failures.pop(peer, None)
