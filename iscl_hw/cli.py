@@ -1,0 +1,79 @@
+"""The ``iscl`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from iscl_hw import __version__, cli_card
+from iscl_hw.errors import IsclError
+from iscl_hw.filexfer import DEFAULT_CHUNK_SIZE
+
+__all__ = ["main"]
+
+_Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from iscl_hw.demo import run_demo
+
+    return run_demo(args.file, trace=args.trace, chunk_size=args.chunk_size)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1048576 - 8:
+        raise argparse.ArgumentTypeError("must be 1..1048568")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iscl",
+        description="ISCL (MEDIS-DC Integrated Secure Communication Layer V1.00)",
+    )
+    parser.add_argument("--version", action="version", version=f"iscl {__version__}")
+    parser.add_argument(
+        "--log-level", default="WARNING", help="stdlib logging level (default WARNING)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="two peers with virtual cards move a DICOM file over ISCL"
+    )
+    demo.add_argument(
+        "--file",
+        type=Path,
+        help="file to send (default: a DICOM file shipped with pydicom)",
+    )
+    demo.add_argument(
+        "--trace", action="store_true", help="also trace every data frame"
+    )
+    demo.add_argument(
+        "--chunk-size",
+        type=_positive,
+        default=DEFAULT_CHUNK_SIZE,
+        help="file bytes per ISCL message (default 65536)",
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+    cli_card.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    handler: _Handler = args.func
+    try:
+        return handler(args)
+    except (IsclError, OSError) as exc:
+        print(f"iscl: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,224 @@
+"""``iscl demo``: two ISCL peers on 127.0.0.1, each with its own virtual card,
+authenticate each other with real APDUs and move a DICOM file.
+
+Keys are drawn at random for the run and live only in a temporary
+directory; the trace shows APDUs and frames, never keys or payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from iscl_hw import aio
+from iscl_hw.card import ApduCard
+from iscl_hw.constants import KEY_INDEXES
+from iscl_hw.errors import ConnectionLost, IsclError
+from iscl_hw.filexfer import DEFAULT_CHUNK_SIZE, Manifest, receive_file, send_file
+from iscl_hw.keyfile import load_key_file, write_key_file
+from iscl_hw.settings import Settings
+from softcard.cardfile import create_card_file
+from softcard.emulator import SoftCard
+
+__all__ = ["default_dicom_file", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_DICOM = "examples_overlay.dcm"
+
+
+def default_dicom_file() -> Path:
+    """A DICOM file shipped inside the pydicom wheel (no download)."""
+    import pydicom.data
+
+    path = Path(pydicom.data.__file__).parent / "test_files" / _DEFAULT_DICOM
+    if not path.is_file():
+        raise FileNotFoundError(f"pydicom does not ship {_DEFAULT_DICOM}")
+    return path
+
+
+@dataclass
+class _Peer:
+    name: str
+    card_path: Path
+    key_path: Path
+
+
+def _make_peers(directory: Path) -> list[_Peer]:
+    """Card and key files for both peers, sharing freshly drawn keys."""
+    auth_keys = {index: os.urandom(8) for index in KEY_INDEXES}
+    enc_keys = {index: os.urandom(8) for index in KEY_INDEXES}
+    peers = []
+    for name in ("server", "client"):
+        peer = _Peer(name, directory / f"{name}.card", directory / f"{name}.keys")
+        create_card_file(peer.card_path, auth_keys)
+        write_key_file(peer.key_path, enc_keys)
+        peers.append(peer)
+    return peers
+
+
+class _TraceFilter(logging.Filter):
+    """Shows handshake and disconnection frames; data frames only in --trace."""
+
+    def __init__(self, everything: bool) -> None:
+        super().__init__()
+        self.everything = everything
+        self.transfer = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.everything or not self.transfer
+
+
+@contextlib.contextmanager
+def _tracing(out: TextIO, everything: bool) -> Iterator[_TraceFilter]:
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("    %(message)s"))
+    trace_filter = _TraceFilter(everything)
+    handler.addFilter(trace_filter)
+    loggers = [logging.getLogger("iscl_hw.card"), logging.getLogger("iscl_hw.core")]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+    try:
+        yield trace_filter
+    finally:
+        for logger, (level, propagate) in zip(loggers, saved, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+async def _run(
+    source: Path, directory: Path, chunk_size: int, out: TextIO, trace: _TraceFilter
+) -> int:
+    server, client = _make_peers(directory)
+    print(f"  card and key files (0600, random keys): {directory}", file=out)
+    received_dir = directory / "received"
+    received_dir.mkdir()
+    settings = Settings()
+    print(
+        f"  protection: {settings.encryption.name} + {settings.mac.name}, "
+        f"key index {settings.encryption_key_index}, "
+        f"authentication key {settings.auth_key_index}",
+        file=out,
+    )
+
+    print("\n[1] opening both virtual cards (SELECT by AID)", file=out)
+    server_card = ApduCard(SoftCard.from_file(server.card_path), name="server card")
+    client_card = ApduCard(SoftCard.from_file(client.card_path), name="client card")
+    outcome: asyncio.Future[tuple[Manifest, Path]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def handle(channel: aio.AsyncChannel) -> None:
+        try:
+            outcome.set_result(await receive_file(channel, received_dir))
+        except IsclError as exc:
+            outcome.set_exception(exc)
+            return
+        with contextlib.suppress(ConnectionLost):
+            await channel.recv()
+
+    listener = await aio.start_server(
+        handle,
+        "127.0.0.1",
+        0,
+        card=server_card,
+        keys=load_key_file(server.key_path),
+        settings=settings,
+    )
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        print(
+            f"\n[2] line connection and mutual authentication (127.0.0.1:{port})",
+            file=out,
+        )
+        started = time.perf_counter()
+        channel = await aio.open_connection(
+            "127.0.0.1",
+            port,
+            card=client_card,
+            keys=load_key_file(client.key_path),
+            settings=settings,
+        )
+        handshake = time.perf_counter() - started
+        print(
+            f"  authenticated in {_ms(handshake)}; block length "
+            f"{channel.connection.block_length}",
+            file=out,
+        )
+
+        print(
+            f"\n[3] sending {source.name} ({source.stat().st_size} bytes) in "
+            f"messages of up to {chunk_size} bytes",
+            file=out,
+        )
+        trace.transfer = True
+        started = time.perf_counter()
+        manifest = await send_file(channel, source, chunk_size=chunk_size)
+        received_manifest, received_path = await asyncio.wait_for(outcome, 30)
+        transfer = time.perf_counter() - started
+        trace.transfer = False
+        rate = manifest.size / transfer / 1e6 if transfer else 0.0
+        print(
+            f"  {manifest.chunks + 1} messages in {_ms(transfer)} ({rate:.1f} MB/s)",
+            file=out,
+        )
+
+        print("\n[4] line disconnection", file=out)
+        started = time.perf_counter()
+        await channel.disconnect()
+        print(f"  closed in {_ms(time.perf_counter() - started)}", file=out)
+    finally:
+        listener.close()
+        await listener.wait_closed()
+        server_card.close()
+        client_card.close()
+
+    return _report(source, received_path, received_manifest, out)
+
+
+def _report(source: Path, received: Path, manifest: Manifest, out: TextIO) -> int:
+    original = hashlib.sha256(source.read_bytes()).hexdigest()
+    arrived = hashlib.sha256(received.read_bytes()).hexdigest()
+    print("\n[5] result", file=out)
+    print(f"  sent     SHA-256 {original}", file=out)
+    print(f"  received SHA-256 {arrived}", file=out)
+    if original != arrived or manifest.sha256 != original:
+        print("  MISMATCH: the file did not arrive intact", file=out)
+        return 1
+    print("  identical: the DICOM file arrived intact", file=out)
+    return 0
+
+
+def run_demo(
+    file: Path | None = None,
+    *,
+    trace: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Run the demo; returns the exit code (0 only if the file matches)."""
+    source = file or default_dicom_file()
+    print("ISCL demo: two peers, two virtual IC cards, one DICOM file", file=out)
+    with (
+        tempfile.TemporaryDirectory(prefix="iscl-demo-") as directory,
+        _tracing(out, trace) as trace_filter,
+    ):
+        return asyncio.run(_run(source, Path(directory), chunk_size, out, trace_filter))
