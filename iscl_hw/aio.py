@@ -20,6 +20,7 @@ from iscl_hw.errors import (
     AuthenticationError,
     ConnectionLost,
     IsclError,
+    LineClosed,
     PeerTimeout,
 )
 from iscl_hw.events import (
@@ -117,7 +118,7 @@ class AsyncChannel:
         endpoint = self._endpoint
         await self._wait(lambda: bool(endpoint.messages), allow_closed=True)
         if not endpoint.messages:
-            raise ConnectionLost("peer closed the line; no message left")
+            raise LineClosed("the line is closed; no message left")
         message = endpoint.messages.popleft()
         async with self._changed:
             self._changed.notify_all()
@@ -345,6 +346,8 @@ async def start_server(
         limiter.success(peer)
         try:
             await handler(channel)
+        except LineClosed:
+            log.debug("%s closed the line", peer)
         except IsclError as exc:
             log.warning("connection with %s ended: %s", peer, exc)
         finally:

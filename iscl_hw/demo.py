@@ -23,7 +23,7 @@ from typing import TextIO
 from iscl_hw import aio
 from iscl_hw.card import ApduCard
 from iscl_hw.constants import KEY_INDEXES
-from iscl_hw.errors import ConnectionLost, IsclError
+from iscl_hw.errors import IsclError, LineClosed
 from iscl_hw.filexfer import DEFAULT_CHUNK_SIZE, Manifest, receive_file, send_file
 from iscl_hw.keyfile import load_key_file, write_key_file
 from iscl_hw.settings import Settings
@@ -132,7 +132,7 @@ async def _run(
         except IsclError as exc:
             outcome.set_exception(exc)
             return
-        with contextlib.suppress(ConnectionLost):
+        with contextlib.suppress(LineClosed):
             await channel.recv()
 
     listener = await aio.start_server(

@@ -24,6 +24,7 @@ __all__ = [
     "IntegrityError",
     "IsclError",
     "KeyFileError",
+    "LineClosed",
     "LocalProtocolError",
     "PeerAuthenticationFailed",
     "PeerRefusedClose",
@@ -86,6 +87,10 @@ class ConnectionLost(RemoteProtocolError):
 
 class PeerTimeout(ConnectionLost):
     """The peer did not answer within the time allowed for the phase."""
+
+
+class LineClosed(IsclError):
+    """The line was closed by line disconnection; no message is left."""
 
 
 class TransmissionRefused(IsclError):

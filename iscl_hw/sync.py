@@ -17,7 +17,13 @@ from iscl_hw.arbiter import CardArbiter
 from iscl_hw.card import Card
 from iscl_hw.core import Connection, Role
 from iscl_hw.endpoint import Endpoint, Timeouts
-from iscl_hw.errors import ConnectionLost, IsclError, LocalProtocolError, PeerTimeout
+from iscl_hw.errors import (
+    ConnectionLost,
+    IsclError,
+    LineClosed,
+    LocalProtocolError,
+    PeerTimeout,
+)
 from iscl_hw.events import CardRequest, Sentinel
 from iscl_hw.settings import KeyProvider, Settings
 
@@ -97,7 +103,7 @@ class Channel:
         endpoint = self._endpoint
         self._pump_until(lambda: bool(endpoint.messages) or endpoint.closed is not None)
         if not endpoint.messages:
-            raise ConnectionLost("peer closed the line; no message left")
+            raise LineClosed("the line is closed; no message left")
         return endpoint.messages.popleft().data
 
     def disconnect(self) -> None:
