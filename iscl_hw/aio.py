@@ -18,6 +18,7 @@ from iscl_hw.core import Connection, Role
 from iscl_hw.endpoint import Endpoint, Timeouts
 from iscl_hw.errors import (
     AuthenticationError,
+    CardBusy,
     ConnectionLost,
     IsclError,
     LineClosed,
@@ -228,7 +229,11 @@ class AsyncChannel:
                 break
             if isinstance(event, CardRequest):
                 if endpoint.needs_span(event):
-                    await endpoint.arbiter.acquire_async(endpoint)
+                    try:
+                        await endpoint.arbiter.acquire_async(endpoint)
+                    except CardBusy as exc:
+                        endpoint.card_failed(exc)
+                        continue
                 endpoint.run_card(event)
             else:
                 endpoint.route(event)

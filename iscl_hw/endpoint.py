@@ -95,10 +95,20 @@ class Endpoint:
         """Run a card request whose span (if it needs one) is held."""
         try:
             answer = self.arbiter.run(self, request)
-        except CardError as exc:
-            self.conn.card_failed(exc)
+        except IsclError as exc:
+            self.card_failed(exc)
         else:
             self.conn.card_answer(answer)
+        self.release_span_if_done()
+
+    def card_failed(self, error: IsclError) -> None:
+        """Tell the core its card request failed (the span was not had, or the
+        card refused or went away)."""
+        if not isinstance(error, CardError):
+            wrapped = CardError(f"card {self.arbiter.card.name}: {error}")
+            wrapped.__cause__ = error
+            error = wrapped
+        self.conn.card_failed(error)
         self.release_span_if_done()
 
     def release_span_if_done(self) -> None:

@@ -18,6 +18,7 @@ from iscl_hw.card import Card
 from iscl_hw.core import Connection, Role
 from iscl_hw.endpoint import Endpoint, Timeouts
 from iscl_hw.errors import (
+    CardBusy,
     ConnectionLost,
     IsclError,
     LineClosed,
@@ -161,7 +162,11 @@ class Channel:
                 break
             if isinstance(event, CardRequest):
                 if endpoint.needs_span(event):
-                    endpoint.arbiter.acquire(endpoint)
+                    try:
+                        endpoint.arbiter.acquire(endpoint)
+                    except CardBusy as exc:
+                        endpoint.card_failed(exc)
+                        continue
                 endpoint.run_card(event)
             else:
                 endpoint.route(event)
