@@ -154,6 +154,19 @@ _SPAN_STEPS = frozenset(
     }
 )
 
+# A side whose card fails tells the peer with a NAK in the message it was
+# building, padded to that message's size.
+_CARD_FAILURE_REPORTS = {
+    _Step.CARD_SERVER_CHALLENGE: (MessageId.MUTUAL_AUTH_PASS1_NOTIF, 8),
+    _Step.CARD_CLIENT_ANSWER: (MessageId.MUTUAL_AUTH_PASS2_NOTIF, 16),
+    _Step.CARD_CLIENT_CHALLENGE: (MessageId.MUTUAL_AUTH_PASS2_NOTIF, 16),
+    _Step.CARD_SERVER_PRECHECK: (MessageId.MUTUAL_AUTH_PASS3_NOTIF, 8),
+    _Step.CARD_SERVER_EXTERNAL: (MessageId.MUTUAL_AUTH_PASS3_NOTIF, 8),
+    _Step.CARD_SERVER_ANSWER: (MessageId.MUTUAL_AUTH_PASS3_NOTIF, 8),
+    _Step.CARD_CLIENT_PRECHECK: (MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, 0),
+    _Step.CARD_CLIENT_EXTERNAL: (MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, 0),
+}
+
 # Messages a peer sends as the sender of its own transmissions, and as the
 # receiver of ours.
 _FROM_PEER_SENDER = frozenset(
@@ -418,38 +431,13 @@ class Connection:
         self._emit(request)
 
     def _report_card_failure(self) -> None:
-        zeros = bytes(CHALLENGE_LENGTH)
-        if self._step is _Step.CARD_SERVER_CHALLENGE:
-            self._write(
-                MessageId.MUTUAL_AUTH_PASS1_NOTIF,
-                zeros,
-                option=NAK,
-                err_no=ErrorCode.LOCAL_ICCARD,
-            )
-        elif self._step in (_Step.CARD_CLIENT_ANSWER, _Step.CARD_CLIENT_CHALLENGE):
-            self._write(
-                MessageId.MUTUAL_AUTH_PASS2_NOTIF,
-                zeros * 2,
-                option=NAK,
-                err_no=ErrorCode.LOCAL_ICCARD,
-            )
-        elif self._step in (
-            _Step.CARD_SERVER_PRECHECK,
-            _Step.CARD_SERVER_EXTERNAL,
-            _Step.CARD_SERVER_ANSWER,
-        ):
-            self._write(
-                MessageId.MUTUAL_AUTH_PASS3_NOTIF,
-                zeros,
-                option=NAK,
-                err_no=ErrorCode.LOCAL_ICCARD,
-            )
-        elif self._step in (_Step.CARD_CLIENT_PRECHECK, _Step.CARD_CLIENT_EXTERNAL):
-            self._write(
-                MessageId.MUTUAL_AUTH_COMPLETION_NOTIF,
-                option=NAK,
-                err_no=ErrorCode.LOCAL_ICCARD,
-            )
+        message_id, size = _CARD_FAILURE_REPORTS[self._step]
+        self._nak(message_id, ErrorCode.LOCAL_ICCARD, bytes(size))
+
+    def _nak(
+        self, message_id: MessageId, code: ErrorCode, payload: bytes = b""
+    ) -> None:
+        self._write(message_id, payload, option=NAK, err_no=code)
 
     # -- line connection and mutual authentication ---------------------------
 
@@ -538,19 +526,13 @@ class Connection:
                 ErrorCode.BAD_LENGTH,
             )
         if method != MutualAuthMethod.THREE_PASS_FOUR_WAY:
-            self._write(
-                MessageId.MUTUAL_AUTH_RP,
-                option=NAK,
-                err_no=ErrorCode.BAD_MUTUAL_AUTH_METHOD,
-            )
+            self._nak(MessageId.MUTUAL_AUTH_RP, ErrorCode.BAD_MUTUAL_AUTH_METHOD)
             raise RemoteProtocolError(
                 f"mutual authentication method 0x{method:X} is not 3-pass/4-way",
                 ErrorCode.BAD_MUTUAL_AUTH_METHOD,
             )
         if key_index not in self.settings.accepted_auth_key_indexes:
-            self._write(
-                MessageId.MUTUAL_AUTH_RP, option=NAK, err_no=ErrorCode.BAD_OPTION
-            )
+            self._nak(MessageId.MUTUAL_AUTH_RP, ErrorCode.BAD_OPTION)
             raise RemoteProtocolError(
                 f"server asks for authentication key {key_index}, which this "
                 "client does not accept",
@@ -622,11 +604,10 @@ class Connection:
 
     def _card_server_precheck(self, request: CardRequest, data: bytes) -> None:
         if not crypto.constant_time_equal(_challenge(data), self._peer_answer):
-            self._write(
+            self._nak(
                 MessageId.MUTUAL_AUTH_PASS3_NOTIF,
+                ErrorCode.REMOTE_ICCARD,
                 bytes(CHALLENGE_LENGTH),
-                option=NAK,
-                err_no=ErrorCode.REMOTE_ICCARD,
             )
             raise PeerAuthenticationFailed("client's answer to our challenge is wrong")
         self._ask_card(
@@ -662,11 +643,7 @@ class Connection:
 
     def _card_client_precheck(self, request: CardRequest, data: bytes) -> None:
         if not crypto.constant_time_equal(_challenge(data), self._peer_answer):
-            self._write(
-                MessageId.MUTUAL_AUTH_COMPLETION_NOTIF,
-                option=NAK,
-                err_no=ErrorCode.REMOTE_ICCARD,
-            )
+            self._nak(MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, ErrorCode.REMOTE_ICCARD)
             raise PeerAuthenticationFailed("server's answer to our challenge is wrong")
         self._ask_card(
             _Step.CARD_CLIENT_EXTERNAL,
@@ -943,11 +920,8 @@ class Connection:
 
     def _refuse_transmission(self, code: ErrorCode, length: int, reason: str) -> None:
         log.warning("%s: refusing peer's message: %s", self.role.value, reason)
-        self._write(
-            MessageId.MESSAGE_TRANSMISSION_RP,
-            pack_u32(self._order, length),
-            option=NAK,
-            err_no=code,
+        self._nak(
+            MessageId.MESSAGE_TRANSMISSION_RP, code, pack_u32(self._order, length)
         )
 
     def _on_random_rq(self, frame: Frame) -> None:
@@ -1031,11 +1005,7 @@ class Connection:
         if self.settings.refuse_disconnection or (
             self._phase is Phase.MESSAGES and self.sending
         ):
-            self._write(
-                MessageId.LINE_DISCONNECTION_RP,
-                option=NAK,
-                err_no=ErrorCode.PEER_REFUSE_CLOSE,
-            )
+            self._nak(MessageId.LINE_DISCONNECTION_RP, ErrorCode.PEER_REFUSE_CLOSE)
             return
         self._write(MessageId.LINE_DISCONNECTION_RP, option=ACK)
         self._closed(by_peer=True)
