@@ -759,7 +759,10 @@ class Connection:
             )
         if self.settings.encryption_key_index == UNIQUE_SESSION_KEYS:
             random = self.settings.random_bytes(CHALLENGE_LENGTH)
-            self._tx_protection = self._own_protection(self._session_key(random))
+            protection = self._own_protection()
+            if protection.needs_key:
+                protection = _with_key(protection, self._session_key(random))
+            self._tx_protection = protection
             self._tx = _Tx.WAIT_RANDOM_RP
             self._write(MessageId.RNDNO_FOR_SESSION_KEY_RQ, random)
             return
@@ -926,8 +929,9 @@ class Connection:
 
     def _on_random_rq(self, frame: Frame) -> None:
         incoming = self._incoming()
-        key = self._session_key(frame.payload)
-        incoming.protection = _with_key(incoming.protection, key)
+        if incoming.protection.needs_key:
+            key = self._session_key(frame.payload)
+            incoming.protection = _with_key(incoming.protection, key)
         self._write(MessageId.RNDNO_FOR_SESSION_KEY_RP, option=ACK)
         self._rx = _Rx.DATA
         self._check_incoming_complete()
