@@ -17,11 +17,12 @@ from iscl_hw.card import Card
 from iscl_hw.core import Connection, Role
 from iscl_hw.endpoint import Endpoint, Timeouts
 from iscl_hw.errors import (
-    AuthenticationError,
     CardBusy,
+    CardError,
     ConnectionLost,
     IsclError,
     LineClosed,
+    PeerRefusedClose,
     PeerTimeout,
 )
 from iscl_hw.events import (
@@ -147,10 +148,13 @@ class AsyncChannel:
         await self.abort()
 
     async def close(self) -> None:
-        """Disconnect, and close the transport whatever the peer answers."""
+        """Disconnect, and close the transport whatever the peer answers; a
+        refusal is logged, not raised (use :meth:`disconnect` to see it)."""
         try:
             if self._endpoint.error is None and not self._finished:
                 await self.disconnect()
+        except PeerRefusedClose:
+            log.warning("peer refused the line disconnection; connection dropped")
         finally:
             await self.abort()
 
@@ -343,7 +347,9 @@ async def start_server(
             await channel.handshake()
         except IsclError as exc:
             cause = exc.__cause__ if isinstance(exc.__cause__, IsclError) else exc
-            if isinstance(cause, AuthenticationError):
+            # A peer that fails, stalls or vanishes mid-handshake has held
+            # our card; only our own card's trouble is not held against it.
+            if not isinstance(cause, CardError):
                 limiter.failure(peer)
             log.warning("handshake with %s failed: %s", peer, cause)
             await channel.abort()

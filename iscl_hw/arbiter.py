@@ -70,13 +70,14 @@ class CardArbiter:
         """Take the span for ``owner``, waiting at most ``span_wait``."""
         deadline = time.monotonic() + self.span_wait
         with self._state:
+            if self._take(owner):
+                return
             self._enter_queue()
             try:
-                while self._owner is not None:
+                while not self._take(owner):
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._state.wait(left):
                         raise self._busy()
-                self._owner = owner
             finally:
                 self._waiting -= 1
 
@@ -85,12 +86,13 @@ class CardArbiter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.span_wait
         with self._state:
+            if self._take(owner):
+                return
             self._enter_queue()
         try:
             while True:
                 with self._state:
-                    if self._owner is None:
-                        self._owner = owner
+                    if self._take(owner):
                         return
                     future: asyncio.Future[None] = loop.create_future()
                     self._async_waiters.append((loop, future))
@@ -104,6 +106,12 @@ class CardArbiter:
         finally:
             with self._state:
                 self._waiting -= 1
+
+    def _take(self, owner: object) -> bool:
+        if self._owner is not None:
+            return False
+        self._owner = owner
+        return True
 
     def release(self, owner: object) -> None:
         """End ``owner``'s span (no effect if it does not hold it)."""

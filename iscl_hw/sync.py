@@ -23,6 +23,7 @@ from iscl_hw.errors import (
     IsclError,
     LineClosed,
     LocalProtocolError,
+    PeerRefusedClose,
     PeerTimeout,
 )
 from iscl_hw.events import CardRequest, Sentinel
@@ -120,10 +121,13 @@ class Channel:
         self.abort()
 
     def close(self) -> None:
-        """Disconnect, and close the socket whatever the peer answers."""
+        """Disconnect, and close the socket whatever the peer answers; a
+        refusal is logged, not raised (use :meth:`disconnect` to see it)."""
         try:
             if self._endpoint.error is None and self._sock.fileno() >= 0:
                 self.disconnect()
+        except PeerRefusedClose:
+            log.warning("peer refused the line disconnection; connection dropped")
         finally:
             self.abort()
 

@@ -1,0 +1,403 @@
+"""The asyncio and blocking drivers over real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+from helpers import craft, make_cards, make_keys, random_keys
+
+import iscl_hw
+from iscl_hw import aio, sync
+from iscl_hw.arbiter import CardArbiter
+from iscl_hw.constants import (
+    ACK,
+    DEFAULT_MAX_MESSAGE_LENGTH,
+    HEADER_LENGTH,
+    VERSION_V1_00,
+    MessageId,
+)
+from iscl_hw.core import Phase
+from iscl_hw.endpoint import Timeouts
+from iscl_hw.errors import (
+    ConnectionLost,
+    LineClosed,
+    PeerRejectedAuthentication,
+    PeerTimeout,
+)
+from iscl_hw.keyfile import KeyStore
+from iscl_hw.ratelimit import FailureLimiter
+from iscl_hw.wire import ByteOrder, pack_u32
+
+SHORT = 0.3  # seconds: the phase timeouts under test
+Handler = Callable[[aio.AsyncChannel], Awaitable[None]]
+
+
+async def settle() -> None:
+    """Wait for every other task of the loop (the servers' connection
+    handlers) to finish."""
+    current = asyncio.current_task()
+    while tasks := [t for t in asyncio.all_tasks() if t is not current]:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Handler, card: object, keys: KeyStore, **options: object
+) -> AsyncIterator[int]:
+    server = await aio.start_server(
+        handler,
+        "127.0.0.1",
+        0,
+        card=card,  # type: ignore[arg-type]
+        keys=keys,
+        **options,  # type: ignore[arg-type]
+    )
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+        await settle()
+
+
+def echo(ends: list[Phase]) -> Handler:
+    """Echo every message; record the phase the connection ended in."""
+
+    async def handler(channel: aio.AsyncChannel) -> None:
+        try:
+            while True:
+                await channel.send(await channel.recv())
+        except LineClosed:
+            ends.append(channel.connection.phase)
+
+    return handler
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[socket.socket]:
+    """A TCP listener on 127.0.0.1 that never says anything."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+# -- messages through both drivers -----------------------------------------------------
+
+
+def test_aio_client_and_aio_server() -> None:
+    cards, keys = make_cards(), make_keys()
+    big = os.urandom(DEFAULT_MAX_MESSAGE_LENGTH)
+    ends: list[Phase] = []
+
+    async def scenario() -> None:
+        async with serving(echo(ends), cards.server, keys) as port:
+            channel = await aio.open_connection(
+                "127.0.0.1", port, card=cards.client, keys=keys
+            )
+            async with channel:
+                assert channel.peer_auth_data == b"iscl"
+                await channel.send(b"hello")
+                assert await channel.recv() == b"hello"
+                await channel.send(big)
+                message = await channel.recv_message()
+                assert message.data == big
+            assert channel.connection.phase is Phase.CLOSED
+            await settle()
+            assert ends == [Phase.CLOSED]
+
+    asyncio.run(scenario())
+
+
+def test_blocking_client_and_aio_server() -> None:
+    cards, keys = make_cards(), make_keys()
+    big = os.urandom(DEFAULT_MAX_MESSAGE_LENGTH)
+    ends: list[Phase] = []
+
+    def client(port: int) -> None:
+        with iscl_hw.connect("127.0.0.1", port, card=cards.client, keys=keys) as ch:
+            assert ch.peer_auth_data == b"iscl"
+            ch.send(b"hello")
+            assert ch.recv() == b"hello"
+            ch.send(big)
+            assert ch.recv() == big
+        assert ch.connection.phase is Phase.CLOSED
+
+    async def scenario() -> None:
+        async with serving(echo(ends), cards.server, keys) as port:
+            await asyncio.to_thread(client, port)
+            await settle()
+            assert ends == [Phase.CLOSED]
+
+    asyncio.run(scenario())
+
+
+def test_blocking_client_and_blocking_server() -> None:
+    cards, keys = make_cards(), make_keys()
+    ends: list[BaseException] = []
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            channel = sync.accept(conn, card=cards.server, keys=keys)
+            try:
+                channel.send(channel.recv()[::-1])
+                channel.recv()
+            except LineClosed as exc:
+                ends.append(exc)
+            finally:
+                channel.abort()
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            with iscl_hw.connect(
+                "127.0.0.1", port, card=cards.client, keys=keys
+            ) as channel:
+                channel.send(b"abc")
+                assert channel.recv() == b"cba"
+        finally:
+            thread.join()
+    assert len(ends) == 1
+
+
+# -- timeouts --------------------------------------------------------------------------
+
+
+def test_silent_peer_times_out_on_aio_server(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="iscl_hw.aio")
+    cards, keys = make_cards(), make_keys()
+
+    async def scenario() -> None:
+        async with serving(
+            echo([]), cards.server, keys, timeouts=Timeouts(handshake=SHORT)
+        ) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                header = await reader.readexactly(HEADER_LENGTH + 8)
+                assert header[4:8] == struct.pack(
+                    ">I", MessageId.LINE_CONNECTION_CHECK_RQ
+                )
+                assert await reader.read() == b""  # the server gave up
+            finally:
+                writer.close()
+                await writer.wait_closed()
+            await settle()
+
+    asyncio.run(scenario())
+    errors = [
+        r.args[1]
+        for r in caplog.records
+        if r.msg.startswith("handshake with") and isinstance(r.args, tuple)
+    ]
+    assert len(errors) == 1
+    assert isinstance(errors[0], PeerTimeout)
+
+
+def test_silent_peer_times_out_on_blocking_accept() -> None:
+    cards, keys = make_cards(), make_keys()
+    with silent_listener() as listener:
+        with socket.create_connection(listener.getsockname()) as fake:
+            conn, _ = listener.accept()
+            with pytest.raises(PeerTimeout):
+                sync.accept(
+                    conn,
+                    card=cards.server,
+                    keys=keys,
+                    timeouts=Timeouts(handshake=SHORT),
+                )
+            assert conn.fileno() == -1
+            # The server wrote its line connection check and then closed.
+            received = b""
+            while chunk := fake.recv(4096):
+                received += chunk
+            assert len(received) == HEADER_LENGTH + 8
+
+
+def test_server_never_answers_blocking_client() -> None:
+    cards, keys = make_cards(), make_keys()
+    with silent_listener() as listener:
+        with pytest.raises(PeerTimeout):
+            iscl_hw.connect(
+                *listener.getsockname(),
+                card=cards.client,
+                keys=keys,
+                timeouts=Timeouts(handshake=SHORT),
+            )
+
+
+def test_server_never_answers_aio_client() -> None:
+    cards, keys = make_cards(), make_keys()
+
+    async def scenario() -> None:
+        with silent_listener() as listener:
+            with pytest.raises(PeerTimeout):
+                await aio.open_connection(
+                    *listener.getsockname(),
+                    card=cards.client,
+                    keys=keys,
+                    timeouts=Timeouts(handshake=SHORT),
+                )
+
+    asyncio.run(scenario())
+
+
+async def fake_client_until_pass1(port: int) -> asyncio.StreamWriter:
+    """Speak the client's part up to the server's challenge, then stop."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readexactly(HEADER_LENGTH + 8)  # LINE_CONNECTION_CHECK_RQ
+    writer.write(
+        craft(
+            MessageId.LINE_CONNECTION_CHECK_RP,
+            pack_u32(ByteOrder.BIG, VERSION_V1_00, 8160),
+            option=ACK,
+        )
+    )
+    header = await reader.readexactly(HEADER_LENGTH)  # MUTUAL_AUTH_RQ
+    (length,) = struct.unpack_from(">I", header, 8)
+    await reader.readexactly(length)
+    writer.write(
+        craft(
+            MessageId.MUTUAL_AUTH_RP, pack_u32(ByteOrder.BIG, 4) + b"fake", option=ACK
+        )
+    )
+    pass1 = await reader.readexactly(HEADER_LENGTH + 8)
+    assert pass1[4:8] == struct.pack(">I", MessageId.MUTUAL_AUTH_PASS1_NOTIF)
+    writer.reader = reader  # type: ignore[attr-defined]
+    return writer
+
+
+@pytest.mark.parametrize("stall", ["silent", "eof"])
+def test_stalled_peer_does_not_keep_the_card(stall: str) -> None:
+    cards, keys = make_cards(), make_keys()
+    # span_wait 0: a span still held would fail the next handshake at once.
+    server_card = CardArbiter(cards.server, span_wait=0.0)
+
+    async def scenario() -> None:
+        async with serving(
+            echo([]),
+            server_card,
+            keys,
+            timeouts=Timeouts(peer_answer=SHORT),
+        ) as port:
+            writer = await fake_client_until_pass1(port)
+            try:
+                if stall == "eof":
+                    writer.write_eof()
+                reader: asyncio.StreamReader = writer.reader  # type: ignore[attr-defined]
+                assert await reader.read() == b""  # the server dropped us
+            finally:
+                writer.close()
+                await writer.wait_closed()
+            await settle()
+            probe = object()
+            server_card.acquire(probe)  # CardBusy at once if the span leaked
+            server_card.release(probe)
+            channel = await aio.open_connection(
+                "127.0.0.1", port, card=cards.client, keys=keys
+            )
+            async with channel:
+                await channel.send(b"ok")
+                assert await channel.recv() == b"ok"
+
+    asyncio.run(scenario())
+
+
+# -- rate limiting ---------------------------------------------------------------------
+
+
+def test_failed_authentications_get_a_peer_refused() -> None:
+    cards = make_cards()
+    impostor = make_cards(client_keys=random_keys()).client
+    keys = make_keys()
+    limiter = FailureLimiter(max_failures=2, window=60.0, cooldown=60.0)
+
+    async def connect(card: object) -> aio.AsyncChannel:
+        return await aio.open_connection(
+            "127.0.0.1",
+            port,
+            card=card,  # type: ignore[arg-type]
+            keys=keys,
+            timeouts=Timeouts(handshake=5.0),
+        )
+
+    async def scenario() -> None:
+        nonlocal port
+        async with serving(echo([]), cards.server, keys, limiter=limiter) as port:
+            # A good peer first; its success does not count.
+            async with await connect(cards.client) as channel:
+                await channel.send(b"ok")
+            for _ in range(2):
+                assert not limiter.blocked("127.0.0.1")
+                with pytest.raises(PeerRejectedAuthentication):
+                    await connect(impostor)
+                await settle()
+            assert limiter.blocked("127.0.0.1")
+            # Now even the right card is refused from this address.
+            with pytest.raises(ConnectionLost):
+                await connect(cards.client)
+            await settle()
+
+    port = 0
+    before = cards.counters()
+    asyncio.run(scenario())
+    assert cards.counters() == before
+    assert cards.server_apdus.commands.count("GET CHALLENGE") == 3
+
+
+# -- file descriptors ------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_leaked_file_descriptors() -> None:
+    cards, keys = make_cards(), make_keys()
+    impostor = make_cards(client_keys=random_keys()).client
+
+    def blocking(port: int, i: int) -> None:
+        with iscl_hw.connect("127.0.0.1", port, card=cards.client, keys=keys) as ch:
+            ch.send(b"%d" % i)
+            assert ch.recv() == b"%d" % i
+
+    async def aio_client(port: int, i: int) -> None:
+        async with await aio.open_connection(
+            "127.0.0.1", port, card=cards.client, keys=keys
+        ) as channel:
+            await channel.send(b"%d" % i)
+            assert await channel.recv() == b"%d" % i
+
+    async def failing(port: int) -> None:
+        with pytest.raises(PeerRejectedAuthentication):
+            await aio.open_connection("127.0.0.1", port, card=impostor, keys=keys)
+
+    async def scenario() -> tuple[int, int]:
+        before = open_fds()
+        async with serving(
+            echo([]),
+            cards.server,
+            keys,
+            limiter=FailureLimiter(max_failures=1000),
+        ) as port:
+            for _ in range(3):
+                await asyncio.gather(
+                    *(aio_client(port, i) for i in range(10)),
+                    *(asyncio.to_thread(blocking, port, i) for i in range(5)),
+                    *(failing(port) for _ in range(3)),
+                )
+        return before, open_fds()
+
+    before, after = asyncio.run(scenario())
+    assert after == before
