@@ -23,7 +23,7 @@ from iscl_hw.card import ApduCard
 from iscl_hw.constants import KEY_INDEXES, MacMethod
 from iscl_hw.core import Connection, Role
 from iscl_hw.endpoint import Endpoint, Timeouts
-from iscl_hw.events import CardRequest, MessageReceived, Sentinel
+from iscl_hw.events import MessageReceived
 from iscl_hw.keyfile import KeyStore
 from iscl_hw.settings import Settings
 from softcard.cardfile import new_card_state
@@ -112,16 +112,9 @@ def bench_core_only(megabytes: int) -> float:
             moved = False
             for role, other in ((Role.SERVER, Role.CLIENT), (Role.CLIENT, Role.SERVER)):
                 end = ends[role]
-                while True:
-                    event = end.conn.next_event()
-                    if isinstance(event, Sentinel):
-                        break
-                    if isinstance(event, CardRequest):
-                        if end.needs_span(event):
-                            end.arbiter.acquire(end)
-                        end.run_card(event)
-                    else:
-                        end.route(event)
+                while (request := end.advance()) is not None:
+                    end.arbiter.acquire(end)
+                    end.run_card(request)
                 data = end.conn.data_to_send()
                 if data:
                     ends[other].conn.receive_data(data)

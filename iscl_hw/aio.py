@@ -26,9 +26,7 @@ from iscl_hw.errors import (
     PeerTimeout,
 )
 from iscl_hw.events import (
-    CardRequest,
     MessageReceived,
-    Sentinel,
     ThroughModeReceived,
 )
 from iscl_hw.ratelimit import FailureLimiter
@@ -227,20 +225,13 @@ class AsyncChannel:
 
     async def _process_events(self) -> None:
         endpoint = self._endpoint
-        while True:
-            event = endpoint.conn.next_event()
-            if isinstance(event, Sentinel):
-                break
-            if isinstance(event, CardRequest):
-                if endpoint.needs_span(event):
-                    try:
-                        await endpoint.arbiter.acquire_async(endpoint)
-                    except CardBusy as exc:
-                        endpoint.card_failed(exc)
-                        continue
-                endpoint.run_card(event)
+        while (request := endpoint.advance()) is not None:
+            try:
+                await endpoint.arbiter.acquire_async(endpoint)
+            except CardBusy as exc:
+                endpoint.card_failed(exc)
             else:
-                endpoint.route(event)
+                endpoint.run_card(request)
         await self._flush()
         async with self._changed:
             self._changed.notify_all()

@@ -22,6 +22,7 @@ from iscl_hw.events import (
     MessageReceived,
     MessageSent,
     SendRefused,
+    Sentinel,
     ThroughModeReceived,
 )
 
@@ -84,6 +85,22 @@ class Endpoint:
         return self.timeouts.idle
 
     # -- card -------------------------------------------------------------------
+
+    def advance(self) -> CardRequest | None:
+        """Handle the core's events until it needs data, or until a card
+        request needs the card span, which the driver then acquires (in its
+        own way: a thread waits, a coroutine awaits) before :meth:`run_card`.
+        Raises what the core raises."""
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, Sentinel):
+                return None
+            if not isinstance(event, CardRequest):
+                self.route(event)
+            elif self.needs_span(event):
+                return event
+            else:
+                self.run_card(event)
 
     def needs_span(self, request: CardRequest) -> bool:
         return (

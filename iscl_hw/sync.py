@@ -26,7 +26,6 @@ from iscl_hw.errors import (
     PeerRefusedClose,
     PeerTimeout,
 )
-from iscl_hw.events import CardRequest, Sentinel
 from iscl_hw.settings import KeyProvider, Settings
 
 __all__ = ["Channel", "accept", "connect"]
@@ -160,20 +159,13 @@ class Channel:
 
     def _process_events(self) -> None:
         endpoint = self._endpoint
-        while True:
-            event = endpoint.conn.next_event()
-            if isinstance(event, Sentinel):
-                break
-            if isinstance(event, CardRequest):
-                if endpoint.needs_span(event):
-                    try:
-                        endpoint.arbiter.acquire(endpoint)
-                    except CardBusy as exc:
-                        endpoint.card_failed(exc)
-                        continue
-                endpoint.run_card(event)
+        while (request := endpoint.advance()) is not None:
+            try:
+                endpoint.arbiter.acquire(endpoint)
+            except CardBusy as exc:
+                endpoint.card_failed(exc)
             else:
-                endpoint.route(event)
+                endpoint.run_card(request)
             self._flush()
         self._flush()
 
@@ -218,7 +210,10 @@ def connect(
     """Open an ISCL connection as client and run line connection and mutual
     authentication; returns a :class:`Channel` ready for messages."""
     timeouts = timeouts or Timeouts()
-    sock = socket.create_connection((host, port), timeout=timeouts.handshake)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeouts.handshake)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot connect to {host}:{port}: {exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(None)
     return Channel(sock, Role.CLIENT, card, keys, settings or Settings(), timeouts)
