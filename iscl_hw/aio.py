@@ -8,8 +8,9 @@ send and receive whole messages.  Both directions flow at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
 from iscl_hw.arbiter import CardArbiter
@@ -110,7 +111,7 @@ class AsyncChannel:
         await self._send(self._endpoint.conn.send_through(data))
 
     async def _send(self, send_id: int) -> None:
-        await self._flush()
+        await self._flush_or_fail()
         await self._wait(lambda: self._endpoint.take_sent(send_id))
 
     async def recv_message(self) -> MessageReceived | ThroughModeReceived:
@@ -137,7 +138,7 @@ class AsyncChannel:
         if endpoint.closed is not None:
             return
         endpoint.conn.request_disconnection()
-        await self._flush()
+        await self._flush_or_fail()
         await self._wait(
             lambda: endpoint.closed is not None or endpoint.close_refused,
             allow_closed=True,
@@ -263,10 +264,23 @@ class AsyncChannel:
         if not data or self._writer.is_closing():
             return
         self._writer.write(data)
+        limit = self._endpoint.timeouts.transmission
         try:
-            await self._writer.drain()
+            await asyncio.wait_for(self._writer.drain(), limit)
+        except TimeoutError:
+            raise PeerTimeout(f"peer read nothing for {limit:g} s") from None
         except OSError as exc:
             raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
+
+    async def _flush_or_fail(self) -> None:
+        """Flush from the caller's coroutine; a failure ends the connection
+        as one in the reader task would."""
+        try:
+            await self._flush()
+        except IsclError as exc:
+            self._endpoint.failed(exc)
+            self._writer.transport.abort()
+            raise
 
     async def _flush_quietly(self) -> None:
         try:
@@ -306,6 +320,31 @@ async def open_connection(
 Handler = Callable[[AsyncChannel], Awaitable[None]]
 
 
+class _PeerSlots:
+    """At most ``size`` handshakes at a time from one address; more wait."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._slots: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, peer: str, timeout: float) -> AsyncIterator[None]:
+        semaphore, users = self._slots.get(peer, (asyncio.Semaphore(self._size), 0))
+        self._slots[peer] = (semaphore, users + 1)
+        try:
+            await asyncio.wait_for(semaphore.acquire(), timeout)
+            try:
+                yield
+            finally:
+                semaphore.release()
+        finally:
+            semaphore, users = self._slots[peer]
+            if users == 1:
+                del self._slots[peer]
+            else:
+                self._slots[peer] = (semaphore, users - 1)
+
+
 async def start_server(
     handler: Handler,
     host: str,
@@ -316,36 +355,37 @@ async def start_server(
     settings: Settings | None = None,
     timeouts: Timeouts | None = None,
     limiter: FailureLimiter | None = None,
+    max_connections: int = 256,
+    max_handshakes_per_peer: int = 4,
 ) -> asyncio.Server:
     """Accept ISCL connections; ``handler`` gets each authenticated channel
-    and the line is closed when it returns."""
+    and the line is closed when it returns.
+
+    Connections over ``max_connections`` and addresses ``limiter`` has
+    blocked are closed at once, before line connection.  Handshakes from one
+    address beyond ``max_handshakes_per_peer`` wait their turn (each may
+    hold our card for up to ``Timeouts.peer_answer``).
+    """
     settings = settings or Settings()
     timeouts = timeouts or Timeouts()
     limiter = limiter or FailureLimiter()
+    slots = _PeerSlots(max_handshakes_per_peer)
+    active = 0
 
-    async def on_client(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        channel = AsyncChannel(
-            reader, writer, Role.SERVER, card, keys, settings, timeouts
-        )
-        peer = _host_of(channel.peer_address)
-        if limiter.blocked(peer):
-            log.warning("refused %s: too many failed authentications", peer)
-            await channel.abort()
-            return
+    async def authenticate(channel: AsyncChannel, peer: str) -> bool:
         try:
             await channel.handshake()
         except IsclError as exc:
-            cause = exc.__cause__ if isinstance(exc.__cause__, IsclError) else exc
             # A peer that fails, stalls or vanishes mid-handshake has held
             # our card; only our own card's trouble is not held against it.
-            if not isinstance(cause, CardError):
+            if not isinstance(exc, CardError):
                 limiter.failure(peer)
-            log.warning("handshake with %s failed: %s", peer, cause)
-            await channel.abort()
-            return
+            log.warning("handshake with %s failed: %s", peer, exc)
+            return False
         limiter.success(peer)
+        return True
+
+    async def serve(channel: AsyncChannel, peer: str) -> None:
         try:
             await handler(channel)
         except LineClosed:
@@ -357,6 +397,36 @@ async def start_server(
                 await channel.close()
             except IsclError as exc:
                 log.info("closing the line with %s: %s", peer, exc)
+
+    async def on_client(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal active
+        peer = _host_of(writer.get_extra_info("peername"))
+        if active >= max_connections or limiter.blocked(peer):
+            log.warning("refused %s: connection limit or failed handshakes", peer)
+            writer.transport.abort()
+            return
+        active += 1
+        channel: AsyncChannel | None = None
+        try:
+            try:
+                async with slots.hold(peer, timeouts.handshake):
+                    channel = AsyncChannel(
+                        reader, writer, Role.SERVER, card, keys, settings, timeouts
+                    )
+                    authenticated = await authenticate(channel, peer)
+            except TimeoutError:
+                log.warning("refused %s: its other handshakes took too long", peer)
+                return
+            if authenticated:
+                await serve(channel, peer)
+        finally:
+            active -= 1
+            if channel is None:
+                writer.transport.abort()
+            else:
+                await channel.abort()
 
     return await asyncio.start_server(on_client, host, port)
 

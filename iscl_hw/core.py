@@ -82,7 +82,7 @@ from iscl_hw.secure import (
     derive_session_key,
     mac_field_length,
 )
-from iscl_hw.settings import KeyProvider, Settings
+from iscl_hw.settings import ChainStart, KeyProvider, Settings
 from iscl_hw.wire import Frame, FrameDecoder, encode_frame, pack_u32, unpack_u32
 
 __all__ = ["Connection", "Phase", "Role"]
@@ -222,9 +222,7 @@ class Connection:
         self.settings = settings
         self._keys = keys
         self._order = settings.byte_order
-        self._decoder = FrameDecoder(
-            self._order, settings.max_block_length, settings.max_message_length
-        )
+        self._decoder = FrameDecoder(self._order, settings.max_block_length)
         self._out: list[bytes] = []
         self._events: collections.deque[Event] = collections.deque()
         self._phase = Phase.LINE_CONNECTION
@@ -666,6 +664,19 @@ class Connection:
     def _authenticated(self) -> None:
         self._step = _Step.DONE
         self._phase = Phase.MESSAGES
+        if self.settings.allow_through_mode:
+            self._decoder.through_mode_limit = self.settings.max_message_length
+        if self.settings.chain_start is ChainStart.CHALLENGES:
+            server_to_client, client_to_server = (
+                self._client_challenge,
+                self._server_challenge,
+            )
+            if self.role is Role.SERVER:
+                self._tx_chain.restart_at(server_to_client)
+                self._rx_chain.restart_at(client_to_server)
+            else:
+                self._tx_chain.restart_at(client_to_server)
+                self._rx_chain.restart_at(server_to_client)
         self._server_challenge = self._client_challenge = self._peer_answer = b""
         self._emit(Authenticated(self.auth_key_index, self.peer_auth_data or b""))
         self._pump()
@@ -984,12 +995,7 @@ class Connection:
         return self._rx_current
 
     def _on_through(self, frame: Frame) -> None:
-        if not self.settings.allow_through_mode:
-            raise LocalProtocolError(
-                "peer sent a through-mode (unsecured) message, which our policy "
-                "refuses",
-                ErrorCode.MSG_TRANSMISSION,
-            )
+        # The decoder refuses through mode unless the policy allows it.
         log.warning("%s: accepted a through-mode (unsecured) message", self.role.value)
         self._emit(ThroughModeReceived(frame.payload))
 

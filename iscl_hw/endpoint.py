@@ -28,6 +28,8 @@ from iscl_hw.events import (
 
 __all__ = ["Endpoint", "Timeouts"]
 
+_HANDSHAKE_PHASES = (Phase.LINE_CONNECTION, Phase.MUTUAL_AUTHENTICATION)
+
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +42,8 @@ class Timeouts:
     #: The peer's next pass while this side holds its card span: short, since
     #: every other handshake on the card waits meanwhile.
     peer_answer: float = 3.0
-    #: Between two frames of a transmission, and for answers to our requests.
+    #: For one message to go through, in either direction, once it has
+    #: started; and for a write to drain when the peer does not read.
     transmission: float = 30.0
     #: Line disconnection, from request to answer.
     disconnection: float = 10.0
@@ -66,23 +69,42 @@ class Endpoint:
         self.closed: ConnectionClosed | None = None
         self.close_refused = False
         self.error: IsclError | None = None
+        self._wait_kind: str | None = None
+        self._wait_since = self.started
 
     # -- timing ---------------------------------------------------------------
 
     def read_timeout(self) -> float | None:
-        """How long the next read may wait, from the phase we are in."""
-        conn = self.conn
-        phase = conn.phase
-        if phase in (Phase.LINE_CONNECTION, Phase.MUTUAL_AUTHENTICATION):
-            left = self.started + self.timeouts.handshake - time.monotonic()
+        """How long the next read may wait.  Each limit runs from when its
+        kind of wait began, not from the last byte, so a peer dripping one
+        byte at a time cannot stretch it."""
+        now = time.monotonic()
+        kind, limit = self._current_wait()
+        if kind is None or limit is None:
+            return limit
+        if kind != self._wait_kind:
+            self._wait_kind, self._wait_since = kind, now
+        left = self._wait_since + limit - now
+        if self.conn.phase in _HANDSHAKE_PHASES:
+            left = min(left, self.started + self.timeouts.handshake - now)
+        return max(left, 0.0)
+
+    def _current_wait(self) -> tuple[str | None, float | None]:
+        conn, timeouts = self.conn, self.timeouts
+        if conn.phase in _HANDSHAKE_PHASES:
             if conn.card_span_open:
-                left = min(left, self.timeouts.peer_answer)
-            return max(left, 0.0)
-        if phase is Phase.DISCONNECTION:
-            return self.timeouts.disconnection
+                return "peer answer", timeouts.peer_answer
+            return "handshake", timeouts.handshake
+        if conn.phase is Phase.DISCONNECTION:
+            return "disconnection", timeouts.disconnection
         if conn.receiving or conn.sending:
-            return self.timeouts.transmission
-        return self.timeouts.idle
+            return "transmission", timeouts.transmission
+        return None, timeouts.idle
+
+    def _progressed(self) -> None:
+        """A message went through: the transmission limit starts again."""
+        if self._wait_kind == "transmission":
+            self._wait_kind = None
 
     # -- card -------------------------------------------------------------------
 
@@ -137,8 +159,10 @@ class Endpoint:
     def route(self, event: Event) -> None:
         if isinstance(event, MessageReceived | ThroughModeReceived):
             self.messages.append(event)
+            self._progressed()
         elif isinstance(event, MessageSent | SendRefused):
             self.sent[event.send_id] = event
+            self._progressed()
         elif isinstance(event, Authenticated):
             self.authenticated = event
             log.info(

@@ -31,9 +31,18 @@ _MAC_LENGTHS = {MacMethod.NONE: 0, MacMethod.MD5: 16, MacMethod.DESMAC: 8}
 
 @dataclass
 class ChainState:
-    """The DES-CBC chain of one direction: zero at line connection."""
+    """The DES-CBC chain of one direction.
 
+    ``start`` is where a chain begins (the first message's with
+    IvPolicy.CHAINED, every message's with PER_MESSAGE); ``iv`` is where the
+    next message continues.
+    """
+
+    start: bytes = _ZERO_IV
     iv: bytes = _ZERO_IV
+
+    def restart_at(self, iv: bytes) -> None:
+        self.start = self.iv = iv
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,7 @@ class Protection:
 
     def _start_iv(self, chain: ChainState) -> bytes:
         if self.iv_policy is IvPolicy.PER_MESSAGE:
-            return _ZERO_IV
+            return chain.start
         return chain.iv
 
 

@@ -30,7 +30,7 @@ from iscl_hw.crypto import Padding
 from iscl_hw.errors import ConfigError
 from iscl_hw.wire import ByteOrder
 
-__all__ = ["IvPolicy", "KeyProvider", "MacKeyPolicy", "Settings"]
+__all__ = ["ChainStart", "IvPolicy", "KeyProvider", "MacKeyPolicy", "Settings"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,19 @@ class IvPolicy(enum.Enum):
     CHAINED = "chained"
     #: Zero at the start of every message, continued over its MAC.
     PER_MESSAGE = "per-message"
+
+
+class ChainStart(enum.Enum):
+    """Where each direction's DES-CBC chain starts after authentication."""
+
+    #: At the challenge the receiving side issued in this handshake
+    #: (client to server: the server's challenge; server to client: the
+    #: client's), so a message recorded in another session does not decrypt
+    #: to the same plaintext and fails its MAC.
+    CHALLENGES = "challenges"
+    #: At zero, as LEADTOOLS does; messages can then be replayed from one
+    #: session into another.
+    ZERO = "zero"
 
 
 class MacKeyPolicy(enum.Enum):
@@ -93,6 +106,7 @@ class Settings:
     session_key_base_index: int = 1
     padding: Padding = Padding.PKCS5
     iv_policy: IvPolicy = IvPolicy.CHAINED
+    chain_start: ChainStart = ChainStart.CHALLENGES
     mac_key_policy: MacKeyPolicy = MacKeyPolicy.VARIANT
 
     # What this side accepts as a receiver.

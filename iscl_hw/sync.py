@@ -53,8 +53,8 @@ class Channel:
         self._endpoint = Endpoint(
             Connection(role, settings, keys), CardArbiter.for_card(card), timeouts
         )
+        sock.settimeout(timeouts.transmission)
         try:
-            self._flush()
             self._pump_until(lambda: self._endpoint.authenticated is not None)
         except BaseException:
             self.abort()
@@ -96,7 +96,6 @@ class Channel:
         self._send(self._endpoint.conn.send_through(data))
 
     def _send(self, send_id: int) -> None:
-        self._flush()
         self._pump_until(lambda: self._endpoint.take_sent(send_id))
 
     def recv(self) -> bytes:
@@ -114,7 +113,6 @@ class Channel:
         if endpoint.closed is not None:
             return
         endpoint.conn.request_disconnection()
-        self._flush()
         self._pump_until(lambda: endpoint.closed is not None or endpoint.close_refused)
         endpoint.take_close_refused()
         self.abort()
@@ -188,6 +186,10 @@ class Channel:
             return
         try:
             self._sock.sendall(data)
+        except TimeoutError:
+            raise PeerTimeout(
+                f"peer read nothing for {self._endpoint.timeouts.transmission:g} s"
+            ) from None
         except OSError as exc:
             raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
 

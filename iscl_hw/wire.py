@@ -26,7 +26,7 @@ from iscl_hw.constants import (
     ErrorCode,
     MessageId,
 )
-from iscl_hw.errors import RemoteProtocolError
+from iscl_hw.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "ByteOrder",
@@ -124,7 +124,7 @@ _SIZE_RULES: dict[MessageId, _Rule] = {
     # checks the exact size for the negotiated methods.
     MessageId.MAC_TRANSMISSION_NOTIF: lambda o, b, m: (8, 24),
     # Through mode is "not limited by comm block size" (Ltdic.h); the
-    # maximum message length limits it instead.
+    # maximum message length limits it instead (see FrameDecoder).
     MessageId.THROUGH_MODE_TRANSMISSION_NOTIF: lambda o, b, m: (1, m),
     MessageId.LINE_DISCONNECTION_RQ: _exact(0),
     MessageId.LINE_DISCONNECTION_RP: _exact(0),
@@ -141,16 +141,18 @@ def allowed_sizes(
 class FrameDecoder:
     """Turns a byte stream, in pieces of any size, into :class:`Frame` objects.
 
-    ``block_length`` and ``max_message_length`` may be changed between
-    frames (after line connection).
+    ``block_length`` may be changed between frames (after line connection).
+    ``through_mode_limit`` is the largest through-mode message accepted; 0
+    (the start value) refuses through mode from its header, so a peer
+    cannot make us buffer a maximum-length message we would refuse anyway.
     """
 
     def __init__(
-        self, order: ByteOrder, block_length: int, max_message_length: int
+        self, order: ByteOrder, block_length: int, through_mode_limit: int = 0
     ) -> None:
         self.order = order
         self.block_length = block_length
-        self.max_message_length = max_message_length
+        self.through_mode_limit = through_mode_limit
         self._buffer = bytearray()
         self._pos = 0
         self._pending: tuple[MessageId, int, int, int] | None = None
@@ -200,8 +202,16 @@ class FrameDecoder:
                 f"unknown message ID 0x{raw_id:08X}", ErrorCode.BAD_MSGID
             ) from None
 
+        if (
+            message_id is MessageId.THROUGH_MODE_TRANSMISSION_NOTIF
+            and not self.through_mode_limit
+        ):
+            raise LocalProtocolError(
+                "peer sent a through-mode (unsecured) message, which is refused here",
+                ErrorCode.MSG_TRANSMISSION,
+            )
         low, high = allowed_sizes(
-            message_id, option, self.block_length, self.max_message_length
+            message_id, option, self.block_length, self.through_mode_limit
         )
         if not low <= length <= high:
             raise RemoteProtocolError(
