@@ -401,6 +401,12 @@ async def start_server(
     async def on_client(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        # Python 3.11's stream server logs a cancelled connection task as an
+        # error with a traceback; a server shutting down is not one.
+        with contextlib.suppress(asyncio.CancelledError):
+            await admit(reader, writer)
+
+    async def admit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal active
         peer = _host_of(writer.get_extra_info("peername"))
         if active >= max_connections or limiter.blocked(peer):

@@ -385,7 +385,7 @@ def format_apdu_for_trace(raw: bytes) -> str:
         if apdu.ins in _TRACEABLE_INS:
             parts.append(f"data={apdu.data.hex().upper()}")
         else:
-            parts.append(f"data=<{len(apdu.data)} bytes redacted>")
+            parts.append("data=<redacted>")
     if apdu.le is not None:
         parts.append(f"Le={apdu.le}")
     return " ".join(parts)

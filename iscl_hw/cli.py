@@ -37,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"iscl {__version__}")
     parser.add_argument(
-        "--log-level", default="WARNING", help="stdlib logging level (default WARNING)"
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="logging level (default WARNING); DEBUG traces APDUs and frames, "
+        "never keys, PINs or message data",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -67,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(levelname)s %(name)s: %(message)s"
     )
     handler: _Handler = args.func
     try:

@@ -98,7 +98,13 @@ def _card_init(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         overwrite=args.force,
     )
-    write_key_file(key_file, enc_keys, overwrite=args.force)
+    try:
+        write_key_file(key_file, enc_keys, overwrite=args.force)
+    except BaseException:
+        # Half a pair of files is worse than none: the next attempt would be
+        # refused for a card file nobody meant to keep.
+        card_file.unlink(missing_ok=True)
+        raise
     print(
         f"wrote card file {card_file}: authentication keys "
         f"{_indexes(auth_keys)}, {args.max_retries} tries per key, "
@@ -117,7 +123,7 @@ def _indexes(keys: dict[int, bytes]) -> str:
 def _read_key_text(source: str) -> str:
     try:
         if source == "-":
-            return sys.stdin.read()
+            return _read_stdin()
         return Path(source).read_text(encoding="utf-8")
     except OSError as exc:
         message = exc.strerror or type(exc).__name__
@@ -126,6 +132,27 @@ def _read_key_text(source: str) -> str:
         ) from None
     except UnicodeDecodeError:
         raise _UsageError(f"key material in {source} is not UTF-8 text") from None
+
+
+def _read_stdin() -> str:
+    """Key lines from standard input; from a terminal, without echo."""
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    import termios
+
+    print(
+        "key lines (auth.N = HEX, enc.N = HEX), then Ctrl-D; not echoed:",
+        file=sys.stderr,
+    )
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)
+    try:
+        return sys.stdin.read()
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
 
 
 def _read_pin(args: argparse.Namespace) -> bytes | None:

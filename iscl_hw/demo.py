@@ -203,8 +203,21 @@ def _report(source: Path, received: Path, manifest: Manifest, out: TextIO) -> in
     if original != arrived or manifest.sha256 != original:
         print("  MISMATCH: the file did not arrive intact", file=out)
         return 1
-    print("  identical: the DICOM file arrived intact", file=out)
+    print(f"  identical: the file arrived intact; {_dicom_summary(received)}", file=out)
     return 0
+
+
+def _dicom_summary(path: Path) -> str:
+    """What the file is, without a word of its patient data."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError):
+        return "it is not a DICOM file"
+    sop_class = getattr(dataset.get("SOPClassUID"), "name", "unknown SOP class")
+    return f"it reads as DICOM ({sop_class})"
 
 
 def run_demo(
@@ -216,6 +229,8 @@ def run_demo(
 ) -> int:
     """Run the demo; returns the exit code (0 only if the file matches)."""
     source = file or default_dicom_file()
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is not a readable file")
     print("ISCL demo: two peers, two virtual IC cards, one DICOM file", file=out)
     with (
         tempfile.TemporaryDirectory(prefix="iscl-demo-") as directory,

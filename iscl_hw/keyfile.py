@@ -101,7 +101,9 @@ def read_private_file(path: str | os.PathLike[str]) -> bytes:
     """Read a key or card file, refusing one that group or other can access."""
     target = Path(path)
     try:
-        fd = os.open(target, os.O_RDONLY)
+        # O_NONBLOCK so a FIFO in its place cannot hang the open; the
+        # regular-file check below then refuses it.
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise KeyFileError(f"{target} does not exist") from None
     except OSError as exc:

@@ -38,12 +38,13 @@ _U32_MAX = 0xFFFFFFFF
 
 
 class IvPolicy(enum.Enum):
-    """Where each direction's DES-CBC chain starts (not public)."""
+    """How each direction's DES-CBC chain runs over messages (not public)."""
 
-    #: One chain per direction, zero at line connection, continued over the
-    #: MAC and over later messages (LEADTOOLS' build flags, per direction).
+    #: One chain per direction from its start (see ChainStart), continued
+    #: over the MAC and over later messages (LEADTOOLS' build flags).
     CHAINED = "chained"
-    #: Zero at the start of every message, continued over its MAC.
+    #: Every message starts again at the chain's start, continued over its
+    #: MAC; a message can then be repeated within a session undetected.
     PER_MESSAGE = "per-message"
 
 
