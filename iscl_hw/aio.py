@@ -116,11 +116,8 @@ class AsyncChannel:
 
     async def recv_message(self) -> MessageReceived | ThroughModeReceived:
         """The next whole message from the peer, with how it was protected."""
-        endpoint = self._endpoint
-        await self._wait(lambda: bool(endpoint.messages), allow_closed=True)
-        if not endpoint.messages:
-            raise LineClosed("the line is closed; no message left")
-        message = endpoint.messages.popleft()
+        await self._wait(self._endpoint.message_or_close)
+        message = self._endpoint.take_message()
         async with self._changed:
             self._changed.notify_all()
         return message
@@ -139,10 +136,7 @@ class AsyncChannel:
             return
         endpoint.conn.request_disconnection()
         await self._flush_or_fail()
-        await self._wait(
-            lambda: endpoint.closed is not None or endpoint.close_refused,
-            allow_closed=True,
-        )
+        await self._wait(endpoint.disconnection_settled)
         endpoint.take_close_refused()
         await self.abort()
 
@@ -179,9 +173,8 @@ class AsyncChannel:
 
     # -- the reader task ----------------------------------------------------------
 
-    async def _wait(
-        self, done: Callable[[], bool], *, allow_closed: bool = False
-    ) -> None:
+    async def _wait(self, done: Callable[[], bool]) -> None:
+        """Until ``done()``; raises what ended the connection if it ends first."""
         endpoint = self._endpoint
         finished = False
 
@@ -196,8 +189,7 @@ class AsyncChannel:
             return
         if endpoint.error is not None:
             raise endpoint.error
-        if not allow_closed:
-            raise ConnectionLost("the line is closed")
+        raise ConnectionLost("the connection is closed")
 
     async def _run(self) -> None:
         endpoint = self._endpoint

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 
 from iscl_hw.arbiter import CardArbiter
 from iscl_hw.core import Connection, Phase
-from iscl_hw.errors import CardError, IsclError, PeerRefusedClose, TransmissionRefused
+from iscl_hw.errors import (
+    CardError,
+    IsclError,
+    LineClosed,
+    PeerRefusedClose,
+    TransmissionRefused,
+)
 from iscl_hw.events import (
     Authenticated,
     CardOperation,
@@ -201,6 +207,18 @@ class Endpoint:
                 result.peer_max_length,
             )
         return True
+
+    def message_or_close(self) -> bool:
+        """A message is waiting, or none will come any more."""
+        return bool(self.messages) or self.closed is not None
+
+    def take_message(self) -> MessageReceived | ThroughModeReceived:
+        if not self.messages:
+            raise LineClosed("the line is closed; no message left")
+        return self.messages.popleft()
+
+    def disconnection_settled(self) -> bool:
+        return self.closed is not None or self.close_refused
 
     def take_close_refused(self) -> None:
         if self.close_refused:

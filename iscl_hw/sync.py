@@ -21,11 +21,11 @@ from iscl_hw.errors import (
     CardBusy,
     ConnectionLost,
     IsclError,
-    LineClosed,
     LocalProtocolError,
     PeerRefusedClose,
     PeerTimeout,
 )
+from iscl_hw.events import MessageReceived, ThroughModeReceived
 from iscl_hw.settings import KeyProvider, Settings
 
 __all__ = ["Channel", "accept", "connect"]
@@ -98,13 +98,15 @@ class Channel:
     def _send(self, send_id: int) -> None:
         self._pump_until(lambda: self._endpoint.take_sent(send_id))
 
+    def recv_message(self) -> MessageReceived | ThroughModeReceived:
+        """The next whole message from the peer, with how it was protected."""
+        self._pump_until(self._endpoint.message_or_close)
+        return self._endpoint.take_message()
+
     def recv(self) -> bytes:
-        """The next whole message from the peer (only after its MAC check)."""
-        endpoint = self._endpoint
-        self._pump_until(lambda: bool(endpoint.messages) or endpoint.closed is not None)
-        if not endpoint.messages:
-            raise LineClosed("the line is closed; no message left")
-        return endpoint.messages.popleft().data
+        """The data of the next whole message (only after its MAC check);
+        raises LineClosed once the peer has closed the line."""
+        return self.recv_message().data
 
     def disconnect(self) -> None:
         """Line disconnection.  Raises PeerRefusedClose (the line stays open)
@@ -113,7 +115,7 @@ class Channel:
         if endpoint.closed is not None:
             return
         endpoint.conn.request_disconnection()
-        self._pump_until(lambda: endpoint.closed is not None or endpoint.close_refused)
+        self._pump_until(endpoint.disconnection_settled)
         endpoint.take_close_refused()
         self.abort()
 
