@@ -15,12 +15,15 @@ after it has sent a chosen number of frames.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from iscl_hw import aio
 from iscl_hw.arbiter import CardArbiter
 from iscl_hw.card import ApduCard, Card
 from iscl_hw.constants import HEADER_LENGTH, KEY_INDEXES, MessageId
@@ -57,6 +60,8 @@ __all__ = [
     "make_keys",
     "parse_frame",
     "random_keys",
+    "serving",
+    "settle",
 ]
 
 CLIENT = "client"
@@ -502,3 +507,39 @@ class FailingCard(Card):
 
     def close(self) -> None:
         self.inner.close()
+
+
+# -- asyncio servers -------------------------------------------------------------------
+
+
+async def settle() -> None:
+    """Wait for every other task of the loop (the servers' connection
+    handlers) to finish."""
+    current = asyncio.current_task()
+    while tasks := [t for t in asyncio.all_tasks() if t is not current]:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Callable[[aio.AsyncChannel], Awaitable[None]],
+    card: object,
+    keys: KeyStore,
+    **options: object,
+) -> AsyncIterator[int]:
+    """An :func:`aio.start_server` on 127.0.0.1 port 0; yields its port, and
+    closes it and waits for its connection handlers on the way out."""
+    server = await aio.start_server(
+        handler,
+        "127.0.0.1",
+        0,
+        card=card,  # type: ignore[arg-type]
+        keys=keys,
+        **options,  # type: ignore[arg-type]
+    )
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+        await settle()

@@ -512,25 +512,47 @@ def test_auth_data_length_field_mismatch(
 # -- messages out of phase -------------------------------------------------------------
 
 
+THROUGH = MessageId.THROUGH_MODE_TRANSMISSION_NOTIF
+
+
+def assert_refused_out_of_phase(conn: Connection, message_id: MessageId) -> None:
+    """A message out of phase is BAD_MSGID, except through mode: before
+    authentication the decoder refuses it from its header alone."""
+    if message_id is THROUGH:
+        with pytest.raises(LocalProtocolError) as local:
+            conn.next_event()
+        assert local.value.code is ErrorCode.MSG_TRANSMISSION
+        assert not isinstance(local.value, RemoteProtocolError)
+    else:
+        with pytest.raises(RemoteProtocolError) as remote:
+            conn.next_event()
+        assert remote.value.code is ErrorCode.BAD_MSGID
+    assert conn.phase is Phase.ERROR
+
+
+@pytest.mark.parametrize("allow_through_mode", [False, True])
 @pytest.mark.parametrize(
     "message_id", [m for m in MessageId if m is not MessageId.LINE_CONNECTION_CHECK_RQ]
 )
-def test_fresh_client_refuses_anything_but_line_rq(message_id: MessageId) -> None:
-    conn = feed_client(any_frame(message_id))
-    with pytest.raises(RemoteProtocolError) as info:
-        conn.next_event()
-    assert info.value.code is ErrorCode.BAD_MSGID
+def test_fresh_client_refuses_anything_but_line_rq(
+    message_id: MessageId, allow_through_mode: bool
+) -> None:
+    settings = Settings(allow_through_mode=allow_through_mode)
+    conn = feed_client(any_frame(message_id), settings)
+    assert_refused_out_of_phase(conn, message_id)
 
 
+@pytest.mark.parametrize("allow_through_mode", [False, True])
 @pytest.mark.parametrize(
     "message_id", [m for m in MessageId if m is not MessageId.LINE_CONNECTION_CHECK_RP]
 )
-def test_fresh_server_refuses_anything_but_line_rp(message_id: MessageId) -> None:
-    conn = Connection(Role.SERVER, Settings(), make_keys())
+def test_fresh_server_refuses_anything_but_line_rp(
+    message_id: MessageId, allow_through_mode: bool
+) -> None:
+    settings = Settings(allow_through_mode=allow_through_mode)
+    conn = Connection(Role.SERVER, settings, make_keys())
     conn.receive_data(any_frame(message_id))
-    with pytest.raises(RemoteProtocolError) as info:
-        conn.next_event()
-    assert info.value.code is ErrorCode.BAD_MSGID
+    assert_refused_out_of_phase(conn, message_id)
 
 
 @pytest.mark.parametrize("step", range(1, 8))

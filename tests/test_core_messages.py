@@ -21,6 +21,7 @@ from iscl_hw import crypto
 from iscl_hw.constants import (
     ACK,
     DEFAULT_MAX_MESSAGE_LENGTH,
+    HEADER_LENGTH,
     MIN_BLOCK_LENGTH,
     NAK,
     UNIQUE_SESSION_KEYS,
@@ -41,7 +42,7 @@ from iscl_hw.events import (
 )
 from iscl_hw.keyfile import KeyStore
 from iscl_hw.secure import derive_session_key, mac_field_length
-from iscl_hw.settings import IvPolicy, MacKeyPolicy, Settings
+from iscl_hw.settings import ChainStart, IvPolicy, MacKeyPolicy, Settings
 from iscl_hw.wire import ByteOrder, pack_u32
 
 DES = EncryptionMethod.DES_CBC
@@ -168,26 +169,66 @@ def test_round_trip_around_the_default_block(length: int) -> None:
     assert all(size == 8160 for size in sizes[:-1])
 
 
+def challenges(pair: ConnectionPair) -> dict[str, bytes]:
+    """The challenges of the handshake as seen on the wire, by who issued
+    them: PASS1 carries the server's, PASS2 the client's after its answer."""
+    (pass1,) = [
+        f.payload
+        for f in pair.frames(SERVER)
+        if f.message_id is MessageId.MUTUAL_AUTH_PASS1_NOTIF
+    ]
+    (pass2,) = [
+        f.payload
+        for f in pair.frames(CLIENT)
+        if f.message_id is MessageId.MUTUAL_AUTH_PASS2_NOTIF
+    ]
+    return {SERVER: pass1, CLIENT: pass2[8:]}
+
+
+def chain_start_iv(pair: ConnectionPair, sender: str, start: ChainStart) -> bytes:
+    """Where ``sender``'s chain starts: zero, or the challenge its receiver
+    issued in this handshake."""
+    if start is ChainStart.ZERO:
+        return bytes(8)
+    receiver = SERVER if sender == CLIENT else CLIENT
+    return challenges(pair)[receiver]
+
+
+@pytest.mark.parametrize("chain_start", list(ChainStart))
+@pytest.mark.parametrize("sender", SIDES)
 @pytest.mark.parametrize("iv_policy", list(IvPolicy))
 @pytest.mark.parametrize("mac", [MD5, DESMAC])
-def test_wire_format_of_secured_messages(iv_policy: IvPolicy, mac: MacMethod) -> None:
+def test_wire_format_of_secured_messages(
+    iv_policy: IvPolicy, mac: MacMethod, sender: str, chain_start: ChainStart
+) -> None:
     """Recompute each message's body and MAC field from the documented rules
     (docs/protocol.md): MAC over the plaintext, encrypted after the body with
-    the CBC chain continued; DESMAC keyed with the key variant."""
+    the CBC chain continued; DESMAC keyed with the key variant; each
+    direction's chain starting at the receiver's challenge (or at zero)."""
     keys = make_keys()
-    settings = Settings(mac=mac, encryption_key_index=2, iv_policy=iv_policy)
+    settings = Settings(
+        mac=mac, encryption_key_index=2, iv_policy=iv_policy, chain_start=chain_start
+    )
     pair = ConnectionPair(
         keys=keys, client_settings=settings, server_settings=settings
     ).handshake()
+    receiver = SERVER if sender == CLIENT else CLIENT
     messages = [b"first message", b"", b"x" * 20]
     for message in messages:
-        pair.send(CLIENT, message)
+        pair.send(sender, message)
     pair.run()
-    assert pair.server.received == messages
+    assert pair[receiver].received == messages
+
+    start = chain_start_iv(pair, sender, chain_start)
+    issued = challenges(pair)
+    assert len(issued[CLIENT]) == len(issued[SERVER]) == 8
+    assert issued[CLIENT] != issued[SERVER]
+    if chain_start is ChainStart.CHALLENGES:
+        assert start == issued[receiver] != bytes(8)
 
     key = keys.get(2)
-    frames = pair.frames(CLIENT)[4:]  # after the handshake
-    iv = bytes(8)
+    frames = pair.frames(sender)[4:]  # after the handshake
+    iv = start
     for message in messages:
         rq, body, mac_field = frames[:3]
         frames = frames[3:]
@@ -196,7 +237,7 @@ def test_wire_format_of_secured_messages(iv_policy: IvPolicy, mac: MacMethod) ->
         assert body.message_id is MessageId.MESSAGE_TRANSMISSION_NOTIF
         assert mac_field.message_id is MessageId.MAC_TRANSMISSION_NOTIF
         if iv_policy is IvPolicy.PER_MESSAGE:
-            iv = bytes(8)
+            iv = start
         padded = crypto.pad(message, Padding.PKCS5)
         assert body.payload == crypto.des_cbc_encrypt(key, iv, padded)
         if mac is MD5:
@@ -212,12 +253,14 @@ def test_wire_format_of_secured_messages(iv_policy: IvPolicy, mac: MacMethod) ->
     assert frames == []
 
 
-def test_unique_session_keys_are_derived_per_message() -> None:
+@pytest.mark.parametrize("chain_start", list(ChainStart))
+def test_unique_session_keys_are_derived_per_message(chain_start: ChainStart) -> None:
     keys = make_keys()
     settings = Settings(
         encryption_key_index=UNIQUE_SESSION_KEYS,
         session_key_base_index=4,
         iv_policy=IvPolicy.PER_MESSAGE,
+        chain_start=chain_start,
     )
     pair = ConnectionPair(
         keys=keys, client_settings=settings, server_settings=settings
@@ -227,6 +270,7 @@ def test_unique_session_keys_are_derived_per_message() -> None:
     pair.send(CLIENT, message)
     pair.run()
     assert pair.server.received == [message, message]
+    start = chain_start_iv(pair, CLIENT, chain_start)
     frames = pair.frames(CLIENT)[4:]
     bodies = []
     for i in range(2):
@@ -235,7 +279,7 @@ def test_unique_session_keys_are_derived_per_message() -> None:
         assert rnd.message_id is MessageId.RNDNO_FOR_SESSION_KEY_RQ
         session_key = derive_session_key(keys.get(4), rnd.payload)
         assert session_key != keys.get(4)
-        plain = crypto.des_cbc_decrypt(session_key, bytes(8), body.payload)
+        plain = crypto.des_cbc_decrypt(session_key, start, body.payload)
         assert crypto.unpad(plain, Padding.PKCS5) == message
         bodies.append(body.payload)
     assert bodies[0] != bodies[1]
@@ -365,7 +409,9 @@ def test_different_key_values_fail_integrity() -> None:
     assert pair.server.received == []
 
 
-FORGEABLE = {
+# With the chain starting at zero, which messages' CBC chain starts where
+# the CBC-MAC starts: (iv_policy, a message went before) -> forgeable.
+FORGEABLE_FROM_ZERO = {
     (IvPolicy.PER_MESSAGE, False): True,
     (IvPolicy.PER_MESSAGE, True): True,
     (IvPolicy.CHAINED, False): True,  # the chain starts at zero
@@ -374,26 +420,40 @@ FORGEABLE = {
 
 
 @pytest.mark.parametrize("block", range(7))
-@pytest.mark.parametrize(("iv_policy", "later"), sorted(FORGEABLE, key=str))
+@pytest.mark.parametrize(("iv_policy", "later"), sorted(FORGEABLE_FROM_ZERO, key=str))
+@pytest.mark.parametrize("chain_start", list(ChainStart))
 @pytest.mark.parametrize("mac_key_policy", list(MacKeyPolicy))
 def test_desmac_with_the_encryption_key_is_forgeable(
-    mac_key_policy: MacKeyPolicy, iv_policy: IvPolicy, later: bool, block: int
+    mac_key_policy: MacKeyPolicy,
+    chain_start: ChainStart,
+    iv_policy: IvPolicy,
+    later: bool,
+    block: int,
 ) -> None:
     """With MacKeyPolicy.SAME and a chain starting at zero, the CBC-MAC equals
     the last ciphertext block of the data, so any earlier block can be changed
-    and the message still passes: why VARIANT is the default."""
+    and the message still passes: why VARIANT is the default.  A chain that
+    starts at the receiver's challenge (the default) also defeats it."""
     pair = secured_pair(
-        "des-desmac", iv_policy=iv_policy, mac_key_policy=mac_key_policy
+        "des-desmac",
+        iv_policy=iv_policy,
+        mac_key_policy=mac_key_policy,
+        chain_start=chain_start,
     )
     if later:
         pair.send(CLIENT, b"an earlier message")
         pair.run()
+        assert pair.server.received == [b"an earlier message"]
     message = bytes(range(64))  # eight whole DES blocks
     pair.hook = tamper_hook(CLIENT, ("data", 0, 8 * block))
     pair.send(CLIENT, message)
     pair.run()
 
-    forged = mac_key_policy is MacKeyPolicy.SAME and FORGEABLE[iv_policy, later]
+    forged = (
+        mac_key_policy is MacKeyPolicy.SAME
+        and chain_start is ChainStart.ZERO
+        and FORGEABLE_FROM_ZERO[iv_policy, later]
+    )
     if forged:
         assert pair.server.error is None
         delivered = pair.server.received[-1]
@@ -401,7 +461,8 @@ def test_desmac_with_the_encryption_key_is_forgeable(
         assert delivered != message  # altered, and accepted
     else:
         assert isinstance(pair.server.error, IntegrityError)
-        assert message not in pair.server.received
+        assert pair.server.error.code is ErrorCode.BAD_MAC
+        assert pair.server.received == ([b"an earlier message"] if later else [])
 
 
 # -- receiver policy -------------------------------------------------------------------
@@ -524,6 +585,45 @@ def test_through_mode_accepted_when_allowed() -> None:
     assert [f.payload for f in through] == [b"unsecured", big]
     with pytest.raises(LocalProtocolError):
         pair.client.conn.send_through(b"")
+
+
+THROUGH = MessageId.THROUGH_MODE_TRANSMISSION_NOTIF
+
+
+@pytest.mark.parametrize("claimed", [1, DEFAULT_MAX_MESSAGE_LENGTH, 0xFFFFFFFF])
+def test_refused_through_mode_fails_from_its_header(claimed: int) -> None:
+    """Through mode refused: the header alone ends the connection, so a peer
+    cannot make us buffer a message we would refuse anyway."""
+    pair = ConnectionPair().handshake()
+    server = pair.server.conn
+    server.receive_data(craft(THROUGH, length=claimed))  # no payload follows
+    with pytest.raises(LocalProtocolError) as info:
+        server.next_event()
+    assert info.value.code is ErrorCode.MSG_TRANSMISSION
+    assert server.phase is Phase.ERROR
+    assert server._decoder.buffered == HEADER_LENGTH  # only the header
+
+
+@pytest.mark.parametrize("max_message_length", [1000, DEFAULT_MAX_MESSAGE_LENGTH])
+def test_allowed_through_mode_is_limited_by_the_maximum_message_length(
+    max_message_length: int,
+) -> None:
+    settings = Settings(allow_through_mode=True, max_message_length=max_message_length)
+    pair = ConnectionPair(server_settings=settings).handshake()
+    server = pair.server.conn
+    data = payload(max_message_length)
+    frame = craft(THROUGH, data)
+    server.receive_data(frame[:HEADER_LENGTH])
+    assert server.next_event() is NEED_DATA  # the header is accepted
+    server.receive_data(frame[HEADER_LENGTH:])
+    assert server.next_event() == ThroughModeReceived(data)
+    assert server.next_event() is NEED_DATA
+
+    server.receive_data(craft(THROUGH, length=max_message_length + 1))
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_event()
+    assert info.value.code is ErrorCode.BAD_LENGTH
+    assert server._decoder.buffered == HEADER_LENGTH
 
 
 # -- lengths ---------------------------------------------------------------------------

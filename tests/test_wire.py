@@ -13,7 +13,7 @@ from iscl_hw.constants import (
     ErrorCode,
     MessageId,
 )
-from iscl_hw.errors import RemoteProtocolError
+from iscl_hw.errors import LocalProtocolError, RemoteProtocolError
 from iscl_hw.wire import (
     ByteOrder,
     Frame,
@@ -251,6 +251,26 @@ def test_through_mode_over_max_message_length_refused() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         d.next_frame()
     assert info.value.code is ErrorCode.BAD_LENGTH
+
+
+@pytest.mark.parametrize("claimed", [1, MAX_MESSAGE, 0xFFFFFFFF])
+def test_through_mode_refused_from_header_by_default(claimed: int) -> None:
+    d = FrameDecoder(ByteOrder.BIG, BLOCK)
+    assert d.through_mode_limit == 0
+    d.feed(craft(MessageId.THROUGH_MODE_TRANSMISSION_NOTIF, length=claimed))
+    with pytest.raises(LocalProtocolError) as info:
+        d.next_frame()
+    assert info.value.code is ErrorCode.MSG_TRANSMISSION
+    assert d.buffered == HEADER_LENGTH
+
+
+def test_through_mode_limit_can_be_raised_between_frames() -> None:
+    d = FrameDecoder(ByteOrder.BIG, BLOCK)
+    d.through_mode_limit = 1000
+    d.feed(craft(MessageId.THROUGH_MODE_TRANSMISSION_NOTIF, bytes(1000)))
+    assert d.next_frame() == Frame(
+        MessageId.THROUGH_MODE_TRANSMISSION_NOTIF, 0, 0, bytes(1000)
+    )
 
 
 def test_partial_header_and_payload_wait() -> None:
