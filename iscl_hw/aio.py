@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 from iscl_hw.arbiter import CardArbiter
 from iscl_hw.card import Card
@@ -38,6 +39,7 @@ __all__ = ["AsyncChannel", "open_connection", "start_server"]
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
+_CLOSE_GRACE = 1.0
 
 
 class AsyncChannel:
@@ -64,6 +66,8 @@ class AsyncChannel:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._finished = False
+        self._pending_read: asyncio.Future[bytes] | None = None
+        self._kicked = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"<AsyncChannel {self._endpoint.conn!r}>"
@@ -111,8 +115,10 @@ class AsyncChannel:
         await self._send(self._endpoint.conn.send_through(data))
 
     async def _send(self, send_id: int) -> None:
+        self._kick()
         await self._flush_or_fail()
         await self._wait(lambda: self._endpoint.take_sent(send_id))
+        await self._flush_or_fail()
 
     async def recv_message(self) -> MessageReceived | ThroughModeReceived:
         """The next whole message from the peer, with how it was protected."""
@@ -135,6 +141,7 @@ class AsyncChannel:
         if endpoint.closed is not None:
             return
         endpoint.conn.request_disconnection()
+        self._kick()
         await self._flush_or_fail()
         await self._wait(endpoint.disconnection_settled)
         endpoint.take_close_refused()
@@ -163,13 +170,16 @@ class AsyncChannel:
         await self._close_transport()
 
     async def _close_transport(self) -> None:
+        if self._pending_read is not None:
+            self._pending_read.cancel()
         if self._writer.is_closing():
             return
         self._writer.close()
         try:
-            await self._writer.wait_closed()
-        except OSError:
-            pass
+            # A peer that does not read must not hold the close.
+            await asyncio.wait_for(self._writer.wait_closed(), _CLOSE_GRACE)
+        except (OSError, TimeoutError):
+            self._writer.transport.abort()
 
     # -- the reader task ----------------------------------------------------------
 
@@ -202,7 +212,7 @@ class AsyncChannel:
                 endpoint.conn.receive_data(await self._read())
         except IsclError as exc:
             endpoint.failed(exc)
-            await self._flush_quietly()
+            self._write_quietly()
             log.debug("%s failed: %s", endpoint.conn.role.value, exc)
         except Exception:
             log.exception(
@@ -212,9 +222,9 @@ class AsyncChannel:
         finally:
             endpoint.arbiter.release(endpoint)
             self._finished = True
-            await self._close_transport()
             async with self._changed:
                 self._changed.notify_all()
+            await self._close_transport()
 
     async def _process_events(self) -> None:
         endpoint = self._endpoint
@@ -239,17 +249,37 @@ class AsyncChannel:
             )
 
     async def _read(self) -> bytes:
+        """The next bytes from the peer, within the deadline of what we wait
+        for; a send started meanwhile (:meth:`_kick`) recomputes it."""
         endpoint = self._endpoint
-        timeout = endpoint.read_timeout()
-        try:
-            return await asyncio.wait_for(self._reader.read(_READ_SIZE), timeout)
-        except TimeoutError:
-            raise PeerTimeout(
-                f"peer sent nothing for {timeout:g} s during "
-                f"{endpoint.conn.phase.value}"
-            ) from None
-        except OSError as exc:
-            raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
+        if self._pending_read is None:
+            self._pending_read = asyncio.ensure_future(self._reader.read(_READ_SIZE))
+        read = self._pending_read
+        while True:
+            timeout = endpoint.read_timeout()
+            kick = asyncio.ensure_future(self._kicked.wait())
+            either: set[asyncio.Future[Any]] = {read, kick}
+            try:
+                done, _ = await asyncio.wait(
+                    either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                kick.cancel()
+            if read in done:
+                self._pending_read = None
+                try:
+                    return read.result()
+                except OSError as exc:
+                    raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
+            if kick not in done:
+                raise PeerTimeout(
+                    f"peer sent nothing for {timeout:g} s during "
+                    f"{endpoint.conn.phase.value}"
+                )
+            self._kicked.clear()
+
+    def _kick(self) -> None:
+        self._kicked.set()
 
     async def _flush(self) -> None:
         data = self._endpoint.conn.data_to_send()
@@ -274,11 +304,12 @@ class AsyncChannel:
             self._writer.transport.abort()
             raise
 
-    async def _flush_quietly(self) -> None:
-        try:
-            await self._flush()
-        except IsclError:
-            pass
+    def _write_quietly(self) -> None:
+        """Hand what the core still has (a NAK) to the transport, without
+        waiting for a peer that may not read."""
+        data = self._endpoint.conn.data_to_send()
+        if data and not self._writer.is_closing():
+            self._writer.write(data)
 
 
 async def open_connection(
@@ -410,6 +441,9 @@ async def start_server(
         try:
             try:
                 async with slots.hold(peer, timeouts.handshake):
+                    if limiter.blocked(peer):
+                        log.warning("refused %s: too many failed handshakes", peer)
+                        return
                     channel = AsyncChannel(
                         reader, writer, Role.SERVER, card, keys, settings, timeouts
                     )

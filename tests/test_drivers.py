@@ -515,12 +515,6 @@ def test_stalled_handshakes_get_a_peer_blocked(
     asyncio.run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: start_server checks limiter.blocked() only when a connection "
-    "arrives; one that waited for its peer's handshake slot goes on to line "
-    "connection (and the card) after the address was blocked meanwhile",
-)
 def test_connection_waiting_for_a_slot_is_refused_once_its_peer_is_blocked() -> None:
     cards, keys = make_cards(), make_keys()
     limiter = FailureLimiter(max_failures=1, window=60.0, cooldown=60.0)

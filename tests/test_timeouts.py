@@ -320,24 +320,12 @@ def test_aio_through_mode_send_times_out_when_the_peer_never_reads() -> None:
     assert isinstance(errors[0], PeerTimeout)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: aio.AsyncChannel._read takes its timeout when the read starts; "
-    "a send begun while the reader task waits idle (Timeouts.idle None) gets no "
-    "transmission deadline, so a peer that never answers the request hangs send",
-)
 def test_aio_send_times_out_when_the_peer_never_answers() -> None:
     errors = aio_send_to_a_peer_that(NEVER_READS, through=False)
     assert len(errors) == 1
     assert isinstance(errors[0], PeerTimeout)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a write timeout in the reader task, AsyncChannel._run's "
-    "finally awaits writer.wait_closed(), which waits for the unread data to "
-    "drain; waiters are never woken, so send never raises PeerTimeout",
-)
 def test_aio_send_times_out_when_the_peer_stops_reading() -> None:
     errors = aio_send_to_a_peer_that(STOPS_READING, through=False)
     assert len(errors) == 1
