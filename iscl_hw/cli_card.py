@@ -18,9 +18,15 @@ import sys
 from pathlib import Path
 from typing import Final
 
+from iscl_hw.cli_serve import add_serve_command
 from iscl_hw.errors import IsclError
 from iscl_hw.keyfile import parse_key_material, write_key_file
-from softcard.cardfile import create_card_file, load_card_file
+from softcard.cardfile import (
+    CARD_PROFILES,
+    DEFAULT_PROFILE,
+    create_card_file,
+    load_card_file,
+)
 
 __all__ = ["cmd_card_info", "cmd_card_init", "register"]
 
@@ -40,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     info = commands.add_parser("info", help="show a card file without its keys")
     info.add_argument("card_file", metavar="CARDFILE", type=Path)
     info.set_defaults(func=cmd_card_info)
+    add_serve_command(commands)
 
 
 def _add_init(
@@ -63,6 +70,12 @@ def _add_init(
     pin.add_argument("--pin-env", metavar="VAR", help="read the PIN from $VAR")
     pin.add_argument("--pin-file", type=Path, metavar="PATH", help="read the PIN")
     init.add_argument("--max-retries", type=int, default=3, metavar="N")
+    init.add_argument(
+        "--profile",
+        choices=sorted(CARD_PROFILES),
+        default=DEFAULT_PROFILE,
+        help="how the card behaves behind a PC/SC reader (default plain)",
+    )
     init.add_argument("--force", action="store_true", help="replace existing files")
     init.set_defaults(func=cmd_card_init)
 
@@ -97,6 +110,7 @@ def _card_init(args: argparse.Namespace) -> int:
         pin=pin,
         max_retries=args.max_retries,
         overwrite=args.force,
+        profile=args.profile,
     )
     try:
         write_key_file(key_file, enc_keys, overwrite=args.force)
@@ -182,6 +196,7 @@ def cmd_card_info(args: argparse.Namespace) -> int:
         return _fail("info", str(exc))
     print(f"card file {args.card_file}")
     print(f"  AID {state.aid.hex().upper()}, format version {state.version}")
+    print(f"  profile {state.profile}")
     for index, slot in state.keys.items():
         status = "BLOCKED" if slot.blocked else "usable"
         print(

@@ -6,8 +6,13 @@ A card file is JSON, mode 0600, written atomically::
       "format": "iscl-softcard", "version": 1, "aid": "F06973636C0001",
       "keys": {"1": {"key": "<16 hex>", "max_retries": 3, "remaining": 3}},
       "pin": null | {"salt": "<hex>", "hash": "<hex>", "iterations": 100000,
-                     "max_retries": 3, "remaining": 3}
+                     "max_retries": 3, "remaining": 3},
+      "profile": "plain"
     }
+
+``profile`` names how the card behaves on a reader (see
+:mod:`softcard.profiles`): ``plain``, ``t0-getresponse``, ``wrong-le`` or
+``no-extended``.  It is optional: a file without it is a ``plain`` card.
 
 The PIN is kept only as a salted PBKDF2-HMAC-SHA256 hash.  The iteration
 count is modest on purpose: the authentication keys sit in the same file
@@ -38,6 +43,8 @@ from iscl_hw.keyfile import (
 
 __all__ = [
     "CARD_FILE_FORMAT",
+    "CARD_PROFILES",
+    "DEFAULT_PROFILE",
     "CardState",
     "KeySlot",
     "PinRecord",
@@ -52,6 +59,9 @@ PIN_ITERATIONS: Final = 100_000
 _SALT_LENGTH: Final = 16
 # 63Cx carries the retries left in one nibble (ISO/IEC 7816-4 5.6).
 _MAX_RETRIES_LIMIT: Final = 15
+DEFAULT_PROFILE: Final = "plain"
+#: Card behaviours a card file may ask for (implemented in softcard.profiles).
+CARD_PROFILES: Final = ("plain", "t0-getresponse", "wrong-le", "no-extended")
 
 StrPath: TypeAlias = str | os.PathLike[str]
 
@@ -107,11 +117,17 @@ class CardState:
     aid: bytes = ISCL_AID
     pin: PinRecord | None = None
     version: int = _VERSION
+    profile: str = DEFAULT_PROFILE
 
 
 def _check_max_retries(max_retries: int) -> None:
     if not 1 <= max_retries <= _MAX_RETRIES_LIMIT:
         raise ConfigError(f"max retries must be 1..{_MAX_RETRIES_LIMIT}")
+
+
+def _check_profile(profile: str) -> None:
+    if profile not in CARD_PROFILES:
+        raise ConfigError(f"card profile must be one of {', '.join(CARD_PROFILES)}")
 
 
 def new_card_state(
@@ -120,9 +136,11 @@ def new_card_state(
     pin: bytes | None = None,
     max_retries: int = 3,
     aid: bytes = ISCL_AID,
+    profile: str = DEFAULT_PROFILE,
 ) -> CardState:
     """Build a fresh card state with full retry counters."""
     _check_max_retries(max_retries)
+    _check_profile(profile)
     if not auth_keys:
         raise ConfigError("a card needs at least one authentication key")
     keys = {}
@@ -135,7 +153,7 @@ def new_card_state(
     if pin is not None and not 1 <= len(pin) <= 255:
         raise ConfigError("a PIN is 1..255 bytes")
     record = PinRecord.new(pin, max_retries) if pin is not None else None
-    return CardState(keys, aid, record)
+    return CardState(keys, aid, record, profile=profile)
 
 
 def create_card_file(
@@ -146,9 +164,12 @@ def create_card_file(
     max_retries: int = 3,
     overwrite: bool = False,
     aid: bytes = ISCL_AID,
+    profile: str = DEFAULT_PROFILE,
 ) -> None:
     """Write a new card file; refuse to replace one unless ``overwrite``."""
-    state = new_card_state(auth_keys, pin=pin, max_retries=max_retries, aid=aid)
+    state = new_card_state(
+        auth_keys, pin=pin, max_retries=max_retries, aid=aid, profile=profile
+    )
     write_private_file(path, _encode(state), overwrite)
 
 
@@ -171,6 +192,7 @@ def _encode(state: CardState) -> bytes:
             for index, slot in sorted(state.keys.items())
         },
         "pin": None if state.pin is None else _encode_pin(state.pin),
+        "profile": state.profile,
     }
     return json.dumps(document, indent=2).encode() + b"\n"
 
@@ -200,7 +222,14 @@ def load_card_file(path: StrPath) -> CardState:
     }
     pin_entry = document.get("pin")
     pin = None if pin_entry is None else _decode_pin(path, pin_entry)
-    return CardState(dict(sorted(keys.items())), aid, pin, _VERSION)
+    profile = _profile_field(path, document.get("profile", DEFAULT_PROFILE))
+    return CardState(dict(sorted(keys.items())), aid, pin, _VERSION, profile)
+
+
+def _profile_field(path: StrPath, value: object) -> str:
+    if not isinstance(value, str) or value not in CARD_PROFILES:
+        raise KeyFileError(f"{path}: profile must be one of {', '.join(CARD_PROFILES)}")
+    return value
 
 
 def _decode_slot(path: StrPath, name: str, entry: object) -> KeySlot:
