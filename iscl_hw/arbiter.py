@@ -46,6 +46,7 @@ class CardArbiter:
             tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
         ] = []
         self._outstanding = b""
+        self._span_begun = False
 
     @classmethod
     def for_card(cls, card: Card | CardArbiter) -> CardArbiter:
@@ -120,10 +121,21 @@ class CardArbiter:
                 return
             self._owner = None
             self._outstanding = b""
+            begun, self._span_begun = self._span_begun, False
+            if begun:
+                self._end_card_span()
             self._state.notify()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, future in waiters:
             loop.call_soon_threadsafe(_wake, future)
+
+    def _end_card_span(self) -> None:
+        # The card's end_span must not raise; a card that does anyway must
+        # not leave the span taken for ever.
+        try:
+            self.card.end_span()
+        except Exception:
+            log.exception("card %s: ending its span failed", self.card.name)
 
     def _enter_queue(self) -> None:
         if self._waiting >= self.max_waiting:
@@ -151,6 +163,9 @@ class CardArbiter:
         if not self.holds(owner):
             raise CardError(f"{operation.value} outside the connection's card span")
         if operation is CardOperation.GET_CHALLENGE:
+            if not self._span_begun:
+                self.card.begin_span()
+                self._span_begun = True
             challenge = self.card.get_challenge()
             self._outstanding = challenge
             return challenge

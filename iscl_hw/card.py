@@ -9,20 +9,15 @@ emulator.SoftCard` in process).
 from __future__ import annotations
 
 import abc
-import dataclasses
 import logging
-import time
 from types import TracebackType
-from typing import Final, Protocol
+from typing import Final
 
 from iscl_hw import apdu
 from iscl_hw.apdu import CommandApdu, ResponseApdu
 from iscl_hw.constants import CHALLENGE_LENGTH, KEY_INDEXES, ErrorCode
-from iscl_hw.errors import (
-    CardCommunicationError,
-    IsclError,
-    LocalProtocolError,
-)
+from iscl_hw.errors import LocalProtocolError
+from iscl_hw.transport import DEFAULT_MAX_ROUNDS, ApduLink, RawTransport
 
 __all__ = ["ISCL_AID", "ApduCard", "ApduTransport", "Card"]
 
@@ -34,9 +29,8 @@ _log = logging.getLogger(__name__)
 #: ASCII ``iscl`` (``69 73 63 6C``) and the version ``00 01``.
 ISCL_AID: Final = bytes.fromhex("F06973636C0001")
 
-# Bound on 61xx / 6Cxx follow-ups for one command, so a card that keeps
-# asking for GET RESPONSE cannot hold the caller forever.
-_MAX_FOLLOW_UPS: Final = 16
+#: Carries one raw command APDU to a card and returns the raw response.
+ApduTransport = RawTransport
 
 
 class Card(abc.ABC):
@@ -65,6 +59,20 @@ class Card(abc.ABC):
     def close(self) -> None:
         """Release the card; later calls raise."""
 
+    def begin_span(self) -> None:
+        """The span from GET CHALLENGE to EXTERNAL AUTHENTICATE begins.
+
+        :class:`~iscl_hw.arbiter.CardArbiter` calls it before the span's
+        GET CHALLENGE; a card shared with other processes takes an exclusive
+        hold here (a PC/SC transaction).  No-op by default.
+        """
+        return
+
+    def end_span(self) -> None:
+        """The span ends (the arbiter released it); must not raise.  No-op
+        by default."""
+        return
+
     def __enter__(self) -> Card:
         return self
 
@@ -75,12 +83,6 @@ class Card(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-class ApduTransport(Protocol):
-    """Carries one raw command APDU to a card and returns the raw response."""
-
-    def transmit(self, command: bytes) -> bytes: ...
 
 
 def check_key_ref(key_ref: int) -> None:
@@ -109,10 +111,11 @@ class ApduCard(Card):
 
     The constructor SELECTs the ISCL application by AID and, if ``pin`` is
     given, VERIFYs it; the PIN is not kept.  ISCL key index *n* (1..8) is
-    sent as P2 = *n* with P1 = 00.  A 61xx answer is followed by GET
-    RESPONSE and a 6Cxx answer by one re-send with the Le the card asked
-    for (ISO/IEC 7816-3 T=0 conventions).  ``close()`` also closes the
-    transport when it has a ``close`` method.
+    sent as P2 = *n* with P1 = 00.  Card quirks (61xx, 6Cxx, extended
+    length, short answers) are handled by :class:`~iscl_hw.transport.
+    ApduLink`; ``extended_length`` says whether the card announced extended
+    Lc/Le.  ``close()`` also closes the transport when it has a ``close``
+    method.
     """
 
     def __init__(
@@ -122,9 +125,18 @@ class ApduCard(Card):
         aid: bytes = ISCL_AID,
         pin: bytes | None = None,
         name: str = "card",
+        extended_length: bool = False,
+        max_rounds: int = DEFAULT_MAX_ROUNDS,
     ) -> None:
         self.name = name
         self._transport = transport
+        self._link = ApduLink(
+            transport,
+            name=name,
+            extended_length=extended_length,
+            max_rounds=max_rounds,
+            trace_logger=_log,
+        )
         self._closed = False
         apdu.parse_select_resp(self._exchange(apdu.gen_select_aid_apdu(aid), "SELECT"))
         if pin is not None:
@@ -134,6 +146,11 @@ class ApduCard(Card):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<ApduCard {self.name!r} {state}>"
+
+    @property
+    def link(self) -> ApduLink:
+        """The quirk layer this card's commands go through."""
+        return self._link
 
     def get_challenge(self) -> bytes:
         command = apdu.gen_get_challenge_apdu(CHALLENGE_LENGTH)
@@ -165,43 +182,7 @@ class ApduCard(Card):
             close()
 
     def _exchange(self, command: CommandApdu, name: str) -> ResponseApdu:
-        """Send ``command``, following 61xx and 6Cxx; return the last answer."""
+        """Send ``command`` through the quirk layer; return the last answer."""
         if self._closed:
             raise LocalProtocolError(f"{name}: card {self.name!r} is closed")
-        resp = self._transmit(command)
-        data = b""
-        for _ in range(_MAX_FOLLOW_UPS):
-            if resp.sw1 == 0x6C:
-                resp = self._transmit(dataclasses.replace(command, le=resp.sw2 or 256))
-            elif resp.sw1 == 0x61:
-                data += resp.data
-                resp = self._transmit(apdu.gen_get_response_apdu(resp.sw2 or 256))
-            else:
-                return ResponseApdu(data + resp.data, resp.sw1, resp.sw2)
-        raise CardCommunicationError(
-            f"{name}: card {self.name!r} kept asking for GET RESPONSE"
-        )
-
-    def _transmit(self, command: CommandApdu) -> ResponseApdu:
-        raw = command.encode()
-        tracing = _log.isEnabledFor(logging.DEBUG)
-        if tracing:
-            _log.debug("%s > %s", self.name, apdu.format_apdu_for_trace(raw))
-        start = time.perf_counter()
-        try:
-            answer = self._transport.transmit(raw)
-        except IsclError:
-            raise
-        except OSError as exc:
-            raise CardCommunicationError(
-                f"card {self.name!r}: transport failed: {exc.strerror or exc}"
-            ) from exc
-        elapsed_ms = (time.perf_counter() - start) * 1000
-        if tracing:
-            _log.debug(
-                "%s < %s (%.1f ms)",
-                self.name,
-                apdu.format_response_for_trace(answer),
-                elapsed_ms,
-            )
-        return ResponseApdu.parse(answer)
+        return self._link.exchange(command, name)

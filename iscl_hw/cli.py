@@ -20,7 +20,9 @@ _Handler = Callable[[argparse.Namespace], int]
 def _cmd_demo(args: argparse.Namespace) -> int:
     from iscl_hw.demo import run_demo
 
-    return run_demo(args.file, trace=args.trace, chunk_size=args.chunk_size)
+    return run_demo(
+        args.file, trace=args.trace, chunk_size=args.chunk_size, backend=args.backend
+    )
 
 
 def _positive(text: str) -> int:
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=DEFAULT_CHUNK_SIZE,
         help="file bytes per ISCL message (default 65536)",
+    )
+    demo.add_argument(
+        "--backend",
+        choices=["softcard", "pcsc"],
+        default="softcard",
+        help="cards in process (default) or in two vpcd readers of pcscd",
     )
     demo.set_defaults(func=_cmd_demo)
 

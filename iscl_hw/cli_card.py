@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Final
 
+from iscl_hw import cli_pcsc
 from iscl_hw.cli_serve import add_serve_command
 from iscl_hw.errors import IsclError
 from iscl_hw.keyfile import parse_key_material, write_key_file
@@ -47,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     info.add_argument("card_file", metavar="CARDFILE", type=Path)
     info.set_defaults(func=cmd_card_info)
     add_serve_command(commands)
+    cli_pcsc.register(commands)
 
 
 def _add_init(

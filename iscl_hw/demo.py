@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TextIO
 
 from iscl_hw import aio
-from iscl_hw.card import ApduCard
+from iscl_hw.card import ApduCard, Card
 from iscl_hw.constants import KEY_INDEXES
-from iscl_hw.errors import IsclError, LineClosed
+from iscl_hw.errors import ConfigError, IsclError, LineClosed
 from iscl_hw.filexfer import DEFAULT_CHUNK_SIZE, Manifest, receive_file, send_file
 from iscl_hw.keyfile import load_key_file, write_key_file
 from iscl_hw.settings import Settings
@@ -104,8 +104,61 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
+@contextlib.contextmanager
+def _softcards(server: _Peer, client: _Peer, out: TextIO) -> Iterator[list[Card]]:
+    print("\n[1] opening both virtual cards (SELECT by AID)", file=out)
+    server_card = ApduCard(SoftCard.from_file(server.card_path), name="server card")
+    try:
+        client_card = ApduCard(SoftCard.from_file(client.card_path), name="client card")
+    except BaseException:
+        server_card.close()
+        raise
+    try:
+        yield [server_card, client_card]
+    finally:
+        server_card.close()
+        client_card.close()
+
+
+@contextlib.contextmanager
+def _pcsc_cards(server: _Peer, client: _Peer, out: TextIO) -> Iterator[list[Card]]:
+    """Both cards served through the two vpcd readers of one pcscd; a pcscd
+    is started as a child (and stopped at the end) when none runs."""
+    from iscl_hw import pcsc
+    from softcard.profiles import open_card
+    from softcard.vpcd import VpcdCardBridge
+
+    if not pcsc.vpcd_installed():
+        raise ConfigError(
+            "the pcsc backend needs vsmartcard-vpcd (apt-get install "
+            "--no-install-recommends pcscd vsmartcard-vpcd)"
+        )
+    with contextlib.ExitStack() as stack:
+        if not pcsc.pcscd_running():
+            child = stack.enter_context(pcsc.PcscdChild())
+            print(f"  started pcscd (PID {child.pid}); stopped at the end", file=out)
+        print("\n[1] both cards into the vpcd readers (SELECT by AID)", file=out)
+        cards: list[Card] = []
+        for peer, reader, port in zip(
+            (server, client), pcsc.VPCD_READERS, pcsc.VPCD_PORTS, strict=True
+        ):
+            bridge = VpcdCardBridge(open_card(peer.card_path), "127.0.0.1", port)
+            bridge.start()
+            stack.callback(bridge.stop)
+            card = pcsc.PcscCard(reader, name=f"{peer.name} card")
+            stack.callback(card.close)
+            print(f"  {peer.name} card in {reader!r}, T={card.protocol}", file=out)
+            cards.append(card)
+        yield cards
+
+
 async def _run(
-    source: Path, directory: Path, chunk_size: int, out: TextIO, trace: _TraceFilter
+    source: Path,
+    directory: Path,
+    chunk_size: int,
+    out: TextIO,
+    trace: _TraceFilter,
+    backend: str = "softcard",
 ) -> int:
     server, client = _make_peers(directory)
     print(f"  card and key files (0600, random keys): {directory}", file=out)
@@ -119,9 +172,34 @@ async def _run(
         file=out,
     )
 
-    print("\n[1] opening both virtual cards (SELECT by AID)", file=out)
-    server_card = ApduCard(SoftCard.from_file(server.card_path), name="server card")
-    client_card = ApduCard(SoftCard.from_file(client.card_path), name="client card")
+    opener = _pcsc_cards if backend == "pcsc" else _softcards
+    with opener(server, client, out) as (server_card, client_card):
+        return await _exchange(
+            source,
+            server_card,
+            client_card,
+            server,
+            client,
+            received_dir,
+            settings,
+            chunk_size,
+            out,
+            trace,
+        )
+
+
+async def _exchange(
+    source: Path,
+    server_card: Card,
+    client_card: Card,
+    server: _Peer,
+    client: _Peer,
+    received_dir: Path,
+    settings: Settings,
+    chunk_size: int,
+    out: TextIO,
+    trace: _TraceFilter,
+) -> int:
     outcome: asyncio.Future[tuple[Manifest, Path]] = (
         asyncio.get_running_loop().create_future()
     )
@@ -188,8 +266,6 @@ async def _run(
     finally:
         listener.close()
         await listener.wait_closed()
-        server_card.close()
-        client_card.close()
 
     return _report(source, received_path, received_manifest, out)
 
@@ -226,14 +302,26 @@ def run_demo(
     trace: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     out: TextIO = sys.stdout,
+    backend: str = "softcard",
 ) -> int:
-    """Run the demo; returns the exit code (0 only if the file matches)."""
+    """Run the demo; returns the exit code (0 only if the file matches).
+
+    ``backend`` "softcard" uses the cards in process; "pcsc" serves them
+    through the two vpcd readers of one pcscd (started if none runs)."""
+    if backend not in ("softcard", "pcsc"):
+        raise ConfigError(f"unknown card backend {backend!r}")
     source = file or default_dicom_file()
     if not source.is_file():
         raise FileNotFoundError(f"{source} is not a readable file")
-    print("ISCL demo: two peers, two virtual IC cards, one DICOM file", file=out)
+    where = " behind pcscd" if backend == "pcsc" else ""
+    print(
+        f"ISCL demo: two peers, two virtual IC cards{where}, one DICOM file",
+        file=out,
+    )
     with (
         tempfile.TemporaryDirectory(prefix="iscl-demo-") as directory,
         _tracing(out, trace) as trace_filter,
     ):
-        return asyncio.run(_run(source, Path(directory), chunk_size, out, trace_filter))
+        return asyncio.run(
+            _run(source, Path(directory), chunk_size, out, trace_filter, backend)
+        )

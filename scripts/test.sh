@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs and runs it: the README's test command.
 # Debian packages are installed only when missing, and that part needs root.
+# The PC/SC tests need pcscd, vsmartcard-vpcd (the virtual reader) and
+# libpcsclite-dev (to build pyscard, which has no Linux wheel); where no
+# pcscd runs, the tests start their own as a child process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_debs=()
 command -v openssl >/dev/null || need_debs+=(openssl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_debs+=(python3-venv)
+[ -x /usr/sbin/pcscd ] || command -v pcscd >/dev/null || need_debs+=(pcscd)
+[ -f /etc/reader.conf.d/vpcd ] || need_debs+=(vsmartcard-vpcd)
+pkg-config --exists libpcsclite 2>/dev/null \
+    || [ -f /usr/include/PCSC/winscard.h ] || need_debs+=(libpcsclite-dev)
+command -v gcc >/dev/null || need_debs+=(gcc libc6-dev)
 if [ ${#need_debs[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "test.sh: needs root to install: ${need_debs[*]}" >&2
@@ -19,5 +27,5 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,pcsc]'
 .venv/bin/python -m pytest "$@"

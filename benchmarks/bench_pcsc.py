@@ -1,0 +1,131 @@
+"""Benchmarks of the PC/SC path: pyscard -> pcscd -> vpcd -> soft card.
+
+    .venv/bin/python benchmarks/bench_pcsc.py [--apdus N] [--handshakes N]
+                                              [--profile NAME]
+
+Reports:
+- the median (and p90, p99) APDU round trip of N GET CHALLENGE commands
+  through the quirk layer, pcscd, the vpcd reader and a soft card served by
+  a VpcdCardBridge thread of this process (target: median < 0.5 ms);
+- the median (and p90) full ISCL handshake (TCP connect, line connection,
+  mutual authentication) with both peers' cards behind pcscd (target:
+  median < 5 ms).
+
+Starts a private ``pcscd --foreground`` when none runs and stops it (by
+PID) at the end; with a system pcscd it needs the vpcd readers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Iterator
+
+from iscl_hw import aio
+from iscl_hw.constants import KEY_INDEXES
+from iscl_hw.errors import IsclError
+from iscl_hw.keyfile import KeyStore
+from iscl_hw.pcsc import (
+    VPCD_PORTS,
+    VPCD_READERS,
+    PcscCard,
+    PcscdChild,
+    pcscd_running,
+)
+from softcard.cardfile import new_card_state
+from softcard.emulator import SoftCard
+from softcard.profiles import ProfiledCard
+from softcard.vpcd import VpcdCardBridge
+
+
+def _ms(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] * 1000
+
+
+@contextlib.contextmanager
+def cards(profile: str) -> Iterator[tuple[PcscCard, PcscCard, KeyStore]]:
+    """Both cards in the vpcd readers of a pcscd (started if none runs)."""
+    auth = {index: os.urandom(8) for index in KEY_INDEXES}
+    keys = KeyStore({index: os.urandom(8) for index in KEY_INDEXES})
+    with contextlib.ExitStack() as stack:
+        if not pcscd_running():
+            child = stack.enter_context(PcscdChild())
+            print(f"started pcscd, PID {child.pid}")
+        opened = []
+        for reader, port in zip(VPCD_READERS, VPCD_PORTS, strict=True):
+            soft = ProfiledCard(
+                SoftCard(new_card_state(auth, profile=profile)), profile
+            )
+            bridge = VpcdCardBridge(soft, "127.0.0.1", port)
+            bridge.start()
+            stack.callback(bridge.stop)
+            card = PcscCard(reader, card_timeout=5)
+            stack.callback(card.close)
+            opened.append(card)
+        yield opened[0], opened[1], keys
+
+
+def bench_apdus(card: PcscCard, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        card.get_challenge()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+async def _serve(channel: aio.AsyncChannel) -> None:
+    with contextlib.suppress(IsclError):
+        await channel.recv()
+
+
+async def bench_handshakes(
+    server: PcscCard, client: PcscCard, keys: KeyStore, count: int
+) -> list[float]:
+    listener = await aio.start_server(_serve, "127.0.0.1", 0, card=server, keys=keys)
+    port = listener.sockets[0].getsockname()[1]
+    times = []
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            channel = await aio.open_connection(
+                "127.0.0.1", port, card=client, keys=keys
+            )
+            times.append(time.perf_counter() - started)
+            await channel.close()
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--apdus", type=int, default=1000)
+    parser.add_argument("--handshakes", type=int, default=200)
+    parser.add_argument("--profile", default="plain")
+    args = parser.parse_args()
+    with cards(args.profile) as (server, client, keys):
+        bench_apdus(client, 50)  # warm-up
+        apdus = bench_apdus(client, args.apdus)
+        print(
+            f"GET CHALLENGE x{args.apdus} ({args.profile}, T={client.protocol}): "
+            f"median {statistics.median(apdus) * 1000:.3f} ms, "
+            f"p90 {_ms(apdus, 90):.3f} ms, p99 {_ms(apdus, 99):.3f} ms "
+            "(target median < 0.5 ms)"
+        )
+        asyncio.run(bench_handshakes(server, client, keys, 10))  # warm-up
+        shakes = asyncio.run(bench_handshakes(server, client, keys, args.handshakes))
+        print(
+            f"handshake x{args.handshakes}, both cards behind pcscd: "
+            f"median {statistics.median(shakes) * 1000:.2f} ms, "
+            f"p90 {_ms(shakes, 90):.2f} ms (target median < 5 ms)"
+        )
+
+
+if __name__ == "__main__":
+    main()
