@@ -25,9 +25,9 @@ import statistics
 import time
 from collections.abc import Iterator
 
-from iscl_hw import aio
+from bench_core import time_handshakes
+
 from iscl_hw.constants import KEY_INDEXES
-from iscl_hw.errors import IsclError
 from iscl_hw.keyfile import KeyStore
 from iscl_hw.pcsc import (
     VPCD_PORTS,
@@ -78,31 +78,6 @@ def bench_apdus(card: PcscCard, count: int) -> list[float]:
     return times
 
 
-async def _serve(channel: aio.AsyncChannel) -> None:
-    with contextlib.suppress(IsclError):
-        await channel.recv()
-
-
-async def bench_handshakes(
-    server: PcscCard, client: PcscCard, keys: KeyStore, count: int
-) -> list[float]:
-    listener = await aio.start_server(_serve, "127.0.0.1", 0, card=server, keys=keys)
-    port = listener.sockets[0].getsockname()[1]
-    times = []
-    try:
-        for _ in range(count):
-            started = time.perf_counter()
-            channel = await aio.open_connection(
-                "127.0.0.1", port, card=client, keys=keys
-            )
-            times.append(time.perf_counter() - started)
-            await channel.close()
-    finally:
-        listener.close()
-        await listener.wait_closed()
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--apdus", type=int, default=1000)
@@ -118,8 +93,8 @@ def main() -> None:
             f"p90 {_ms(apdus, 90):.3f} ms, p99 {_ms(apdus, 99):.3f} ms "
             "(target median < 0.5 ms)"
         )
-        asyncio.run(bench_handshakes(server, client, keys, 10))  # warm-up
-        shakes = asyncio.run(bench_handshakes(server, client, keys, args.handshakes))
+        asyncio.run(time_handshakes(server, client, keys, 10))  # warm-up
+        shakes = asyncio.run(time_handshakes(server, client, keys, args.handshakes))
         print(
             f"handshake x{args.handshakes}, both cards behind pcscd: "
             f"median {statistics.median(shakes) * 1000:.2f} ms, "
