@@ -627,10 +627,7 @@ class Connection:
 
     def _on_pass3(self, frame: Frame) -> None:
         if frame.option == NAK:
-            raise PeerRejectedAuthentication(
-                "server refused our answer to its challenge"
-                + _err_no_text(frame.err_no)
-            )
+            raise _peer_verdict("server", frame)
         _check_card_result(frame, "EXTERNAL or INTERNAL AUTHENTICATE")
         self._peer_answer = frame.payload
         self._ask_card(
@@ -655,10 +652,7 @@ class Connection:
 
     def _on_completion(self, frame: Frame) -> None:
         if frame.option != ACK:
-            raise PeerRejectedAuthentication(
-                "client refused our answer to its challenge"
-                + _err_no_text(frame.err_no)
-            )
+            raise _peer_verdict("client", frame)
         self._authenticated()
 
     def _authenticated(self) -> None:
@@ -1070,6 +1064,20 @@ def _error_code(value: int) -> ErrorCode | None:
 def _err_no_text(err_no: int) -> str:
     code = _error_code(err_no)
     return f" (peer error {code.value} {code.name})" if code and code.value else ""
+
+
+def _peer_verdict(peer: str, frame: Frame) -> IsclError:
+    """What a NAK in pass 3 or the completion notice means: the peer's card
+    failed (it says LOCAL_ICCARD), or the peer refused our answer."""
+    if frame.err_no == ErrorCode.LOCAL_ICCARD:
+        return RemoteProtocolError(
+            f"{peer}'s card failed before it could check our answer"
+            + _err_no_text(frame.err_no),
+            ErrorCode.REMOTE_ICCARD,
+        )
+    return PeerRejectedAuthentication(
+        f"{peer} refused our answer to its challenge" + _err_no_text(frame.err_no)
+    )
 
 
 def _check_ack(frame: Frame, what: str) -> None:

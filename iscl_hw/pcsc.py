@@ -568,6 +568,7 @@ class PcscCard(Card):
         self._extended = extended_length
         self._busy_wait = busy_wait
         self._reconnect_wait = reconnect_wait
+        self._in_span = False
         self._context = context or PcscContext()
         self._owns_context = context is None
         self._link: ReaderLink | None = None
@@ -653,7 +654,13 @@ class PcscCard(Card):
             return operation(self._session())
         except CardRemoved:
             self._drop()
-            raise
+            if self._in_span:
+                raise
+            # Outside a span (a client's INTERNAL AUTHENTICATE, a probe) no
+            # card state is lost and no retry counter is involved: a card
+            # put back since the last use is opened again, once.
+            _log.info("card %r: opening it again after a removal", self.name)
+            return operation(self._session())
 
     # -- Card ------------------------------------------------------------------
 
@@ -675,9 +682,11 @@ class PcscCard(Card):
         self._session()
         assert self._link is not None
         self._link.begin_transaction()
+        self._in_span = True
 
     def end_span(self) -> None:
         self._challenge_out = False
+        self._in_span = False
         if self._link is not None:
             self._link.end_transaction()
 

@@ -215,13 +215,19 @@ def test_card_removed_during_transfer_does_not_matter(peers: Peers) -> None:
 
 
 def test_removed_card_gives_card_removed_then_no_card(pcsc_env: PcscEnv) -> None:
+    """A card pulled out mid-span fails that span; outside a span the
+    card is opened again once (here: there is none, then it is back)."""
     pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
     card = PcscCard(SERVER_READER, card_timeout=2, reconnect_wait=0.2)
     try:
+        card.begin_span()
         pcsc_env.remove(SERVER_SLOT)
         pcsc_env.wait_card(SERVER_SLOT, present=False)
+        # Within a span the card's state is gone: no second try.
         with pytest.raises(PcscCardRemoved, match=SERVER_READER):
             card.get_challenge()
+        card.end_span()
+        # Outside one the card is looked for again, once.
         with pytest.raises(NoCard, match=SERVER_READER):
             card.get_challenge()
         pcsc_env.insert(SERVER_SLOT)
@@ -466,3 +472,21 @@ def test_open_reader_connects_shared(pcsc_env: PcscEnv) -> None:
         first.close()
         second.close()
     assert isinstance(PcscCardRemoved("x"), CardError)
+
+
+def test_card_put_back_between_uses_is_opened_again(pcsc_env: PcscEnv) -> None:
+    """A client's INTERNAL AUTHENTICATE needs no card state, so a card that
+    was taken out and put back since its last use just works."""
+    key = bytes(range(8))
+    pcsc_env.put(SERVER_SLOT, profiled_card({1: key}))
+    card = PcscCard(SERVER_READER, card_timeout=2, reconnect_wait=1.0)
+    try:
+        first = card.internal_authenticate(1, bytes(8))
+        pcsc_env.remove(SERVER_SLOT)
+        pcsc_env.wait_card(SERVER_SLOT, present=False)
+        pcsc_env.insert(SERVER_SLOT)
+        pcsc_env.wait_card(SERVER_SLOT, present=True)
+
+        assert card.internal_authenticate(1, bytes(8)) == first
+    finally:
+        card.close()
