@@ -12,7 +12,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any
 
 from iscl_hw.arbiter import CardArbiter
 from iscl_hw.card import Card
@@ -66,8 +65,7 @@ class AsyncChannel:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._finished = False
-        self._pending_read: asyncio.Future[bytes] | None = None
-        self._kicked = asyncio.Event()
+        self._read_scope: asyncio.Timeout | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncChannel {self._endpoint.conn!r}>"
@@ -170,8 +168,6 @@ class AsyncChannel:
         await self._close_transport()
 
     async def _close_transport(self) -> None:
-        if self._pending_read is not None:
-            self._pending_read.cancel()
         if self._writer.is_closing():
             return
         self._writer.close()
@@ -250,36 +246,30 @@ class AsyncChannel:
 
     async def _read(self) -> bytes:
         """The next bytes from the peer, within the deadline of what we wait
-        for; a send started meanwhile (:meth:`_kick`) recomputes it."""
+        for; a send started meanwhile (:meth:`_kick`) moves the deadline."""
         endpoint = self._endpoint
-        if self._pending_read is None:
-            self._pending_read = asyncio.ensure_future(self._reader.read(_READ_SIZE))
-        read = self._pending_read
-        while True:
-            timeout = endpoint.read_timeout()
-            kick = asyncio.ensure_future(self._kicked.wait())
-            either: set[asyncio.Future[Any]] = {read, kick}
-            try:
-                done, _ = await asyncio.wait(
-                    either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                kick.cancel()
-            if read in done:
-                self._pending_read = None
-                try:
-                    return read.result()
-                except OSError as exc:
-                    raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
-            if kick not in done:
-                raise PeerTimeout(
-                    f"peer sent nothing for {timeout:g} s during "
-                    f"{endpoint.conn.phase.value}"
-                )
-            self._kicked.clear()
+        try:
+            async with asyncio.timeout_at(self._deadline()) as scope:
+                self._read_scope = scope
+                return await self._reader.read(_READ_SIZE)
+        except TimeoutError:
+            raise PeerTimeout(
+                f"peer sent nothing in time during {endpoint.conn.phase.value}"
+            ) from None
+        except OSError as exc:
+            raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
+        finally:
+            self._read_scope = None
+
+    def _deadline(self) -> float | None:
+        timeout = self._endpoint.read_timeout()
+        if timeout is None:
+            return None
+        return asyncio.get_running_loop().time() + timeout
 
     def _kick(self) -> None:
-        self._kicked.set()
+        if self._read_scope is not None:
+            self._read_scope.reschedule(self._deadline())
 
     async def _flush(self) -> None:
         data = self._endpoint.conn.data_to_send()
