@@ -474,44 +474,26 @@ def test_padding_round_trip(padding: Padding, length: int) -> None:
     assert crypto.unpad(padded, padding) == data
 
 
-@pytest.mark.parametrize(
-    ("data", "padded"),
-    [
-        (b"", "0808080808080808"),
-        (b"\x01" * 7, "0101010101010101"),
-        (b"\x01" * 5, "0101010101030303"),
-        (b"\x01" * 8, "0101010101010101" + "0808080808080808"),
-    ],
-)
-def test_pkcs5_layout(data: bytes, padded: str) -> None:
-    assert crypto.pad(data, Padding.PKCS5).hex() == padded
+PADDING_LAYOUTS = [
+    (Padding.PKCS5, b"", "0808080808080808"),
+    (Padding.PKCS5, b"\x01" * 7, "0101010101010101"),
+    (Padding.PKCS5, b"\x01" * 5, "0101010101030303"),
+    (Padding.PKCS5, b"\x01" * 8, "0101010101010101" + "0808080808080808"),
+    (Padding.ISO9797_M2, b"", "8000000000000000"),
+    (Padding.ISO9797_M2, b"\x01" * 7, "0101010101010180"),
+    (Padding.ISO9797_M2, b"\x01" * 5, "0101010101800000"),
+    (Padding.ISO9797_M2, b"\x01" * 8, "0101010101010101" + "8000000000000000"),
+    (Padding.ISO9797_M1, b"", "0000000000000000"),
+    (Padding.ISO9797_M1, b"\x01" * 7, "0101010101010100"),
+    (Padding.ISO9797_M1, b"\x01" * 5, "0101010101000000"),
+    (Padding.ISO9797_M1, b"\x01" * 8, "0101010101010101"),
+    (Padding.ISO9797_M1, b"\x01" * 9, "0101010101010101" + "0100000000000000"),
+]
 
 
-@pytest.mark.parametrize(
-    ("data", "padded"),
-    [
-        (b"", "8000000000000000"),
-        (b"\x01" * 7, "0101010101010180"),
-        (b"\x01" * 5, "0101010101800000"),
-        (b"\x01" * 8, "0101010101010101" + "8000000000000000"),
-    ],
-)
-def test_iso9797_m2_layout(data: bytes, padded: str) -> None:
-    assert crypto.pad(data, Padding.ISO9797_M2).hex() == padded
-
-
-@pytest.mark.parametrize(
-    ("data", "padded"),
-    [
-        (b"", "0000000000000000"),
-        (b"\x01" * 7, "0101010101010100"),
-        (b"\x01" * 5, "0101010101000000"),
-        (b"\x01" * 8, "0101010101010101"),
-        (b"\x01" * 9, "0101010101010101" + "0100000000000000"),
-    ],
-)
-def test_iso9797_m1_layout(data: bytes, padded: str) -> None:
-    assert crypto.pad(data, Padding.ISO9797_M1).hex() == padded
+@pytest.mark.parametrize(("padding", "data", "padded"), PADDING_LAYOUTS)
+def test_padding_layout(padding: Padding, data: bytes, padded: str) -> None:
+    assert crypto.pad(data, padding).hex() == padded
 
 
 @pytest.mark.parametrize(
