@@ -13,7 +13,6 @@ standard error on failure.  Output never contains key values.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Final
@@ -173,20 +172,9 @@ def _read_stdin() -> str:
 
 def _read_pin(args: argparse.Namespace) -> bytes | None:
     if args.pin_env is not None:
-        value = os.environ.get(args.pin_env)
-        if not value:
-            raise _UsageError(f"environment variable {args.pin_env} is unset or empty")
-        return value.encode()
+        return cli_pcsc.pin_from_env(args.pin_env)()
     if args.pin_file is not None:
-        try:
-            raw = Path(args.pin_file).read_bytes()
-        except OSError as exc:
-            message = exc.strerror or type(exc).__name__
-            raise _UsageError(f"cannot read {args.pin_file}: {message}") from None
-        pin = raw.rstrip(b"\r\n")
-        if not pin:
-            raise _UsageError(f"{args.pin_file} holds no PIN")
-        return pin
+        return cli_pcsc.pin_from_file(Path(args.pin_file))()
     return None
 
 

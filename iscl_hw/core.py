@@ -471,14 +471,10 @@ class Connection:
         self._step = _Step.WAIT_AUTH_RQ
 
     def _refuse_line(self, code: ErrorCode) -> None:
-        self._write(
-            MessageId.LINE_CONNECTION_CHECK_RP,
-            pack_u32(
-                self._order, self.settings.version, self.settings.max_block_length
-            ),
-            option=NAK,
-            err_no=code,
+        ours = pack_u32(
+            self._order, self.settings.version, self.settings.max_block_length
         )
+        self._nak(MessageId.LINE_CONNECTION_CHECK_RP, code, ours)
 
     def _on_line_rp(self, frame: Frame) -> None:
         version, block = unpack_u32(self._order, frame.payload, 2)

@@ -37,8 +37,6 @@ __all__ = [
     "unpack_u32",
 ]
 
-_U32_MAX = 0xFFFFFFFF
-
 
 class ByteOrder(enum.Enum):
     """Byte order of every integer on the wire (not public: a setting)."""
@@ -132,10 +130,10 @@ _SIZE_RULES: dict[MessageId, _Rule] = {
 
 
 def allowed_sizes(
-    message_id: MessageId, option: int, block_length: int, max_message_length: int
+    message_id: MessageId, option: int, block_length: int, through_mode_limit: int
 ) -> tuple[int, int]:
     """The inclusive range of DataLength this decoder accepts."""
-    return _SIZE_RULES[message_id](option, block_length, max_message_length)
+    return _SIZE_RULES[message_id](option, block_length, through_mode_limit)
 
 
 class FrameDecoder:
