@@ -3,7 +3,8 @@
 # Debian packages are installed only when missing, and that part needs root.
 # The PC/SC tests need pcscd, vsmartcard-vpcd (the virtual reader) and
 # libpcsclite-dev (to build pyscard, which has no Linux wheel); where no
-# pcscd runs, the tests start their own as a child process.
+# pcscd runs, the tests start their own as a child process.  The PKCS#11
+# tests need softhsm2; they make their tokens in a temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_debs+=(python3-venv)
 pkg-config --exists libpcsclite 2>/dev/null \
     || [ -f /usr/include/PCSC/winscard.h ] || need_debs+=(libpcsclite-dev)
 command -v gcc >/dev/null || need_debs+=(gcc libc6-dev)
+[ -f /usr/lib/softhsm/libsofthsm2.so ] || need_debs+=(softhsm2)
 if [ ${#need_debs[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "test.sh: needs root to install: ${need_debs[*]}" >&2
@@ -27,5 +29,5 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test,pcsc]'
+.venv/bin/python -m pip install -q -e '.[test,pcsc,pkcs11]'
 .venv/bin/python -m pytest "$@"
