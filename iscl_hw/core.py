@@ -77,9 +77,10 @@ from iscl_hw.events import (
 )
 from iscl_hw.secure import (
     ChainState,
+    MessageKey,
     Protection,
+    SoftwareKey,
     body_length,
-    derive_session_key,
     mac_field_length,
 )
 from iscl_hw.settings import ChainStart, KeyProvider, Settings
@@ -813,11 +814,13 @@ class Connection:
             self._write(MessageId.MAC_TRANSMISSION_NOTIF, mac)
         self._tx = _Tx.IDLE
         self._tx_current = None
+        if self.settings.encryption_key_index == UNIQUE_SESSION_KEYS:
+            _discard_key(self._tx_protection)
         self._tx_protection = None
         self._emit(MessageSent(outgoing.send_id, len(outgoing.data)))
         self._pump()
 
-    def _own_protection(self, key: bytes | None = None) -> Protection:
+    def _own_protection(self, key: MessageKey | None = None) -> Protection:
         settings = self.settings
         return Protection(
             settings.encryption,
@@ -828,27 +831,26 @@ class Connection:
             settings.mac_key_policy,
         )
 
-    def _own_key(self) -> bytes:
+    def _own_key(self) -> MessageKey:
         index = self.settings.encryption_key_index
         if index == UNIQUE_SESSION_KEYS:
             index = self.settings.session_key_base_index
         return self._key(index)
 
-    def _own_key_if_needed(self) -> bytes | None:
+    def _own_key_if_needed(self) -> MessageKey | None:
         return self._own_key() if self._own_protection().needs_key else None
 
-    def _key(self, index: int) -> bytes:
+    def _key(self, index: int) -> MessageKey:
         try:
-            return self._keys.get(index)
+            key = self._keys.get(index)
         except ConfigError as exc:
             raise LocalProtocolError(
                 f"encryption key {index} is not available"
             ) from exc
+        return SoftwareKey(key) if isinstance(key, bytes) else key
 
-    def _session_key(self, random: bytes) -> bytes:
-        return derive_session_key(
-            self._key(self.settings.session_key_base_index), random
-        )
+    def _session_key(self, random: bytes) -> MessageKey:
+        return self._key(self.settings.session_key_base_index).derive(random)
 
     # -- the peer's transmissions ----------------------------------------------
 
@@ -968,7 +970,13 @@ class Connection:
 
     def _deliver(self, mac_field: bytes) -> None:
         incoming = self._incoming()
-        data = incoming.protection.open(bytes(incoming.body), mac_field, self._rx_chain)
+        try:
+            data = incoming.protection.open(
+                bytes(incoming.body), mac_field, self._rx_chain
+            )
+        finally:
+            if incoming.key_index == UNIQUE_SESSION_KEYS:
+                _discard_key(incoming.protection)
         self._rx = _Rx.IDLE
         self._rx_current = None
         self._emit(
@@ -1027,7 +1035,14 @@ class Connection:
         self._emit(ConnectionClosed(by_peer))
 
 
-def _with_key(protection: Protection, key: bytes) -> Protection:
+def _discard_key(protection: Protection | None) -> None:
+    """Destroy a one-message session key where it lives (a token object)."""
+    discard = getattr(protection and protection.key, "discard", None)
+    if callable(discard):
+        discard()
+
+
+def _with_key(protection: Protection, key: MessageKey) -> Protection:
     return Protection(
         protection.encryption,
         protection.mac,

@@ -10,6 +10,7 @@ the session-key derivation) are in ``docs/protocol.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from iscl_hw import crypto
 from iscl_hw.constants import EncryptionMethod, ErrorCode, MacMethod
@@ -19,7 +20,9 @@ from iscl_hw.settings import IvPolicy, MacKeyPolicy
 
 __all__ = [
     "ChainState",
+    "MessageKey",
     "Protection",
+    "SoftwareKey",
     "body_length",
     "derive_session_key",
     "mac_field_length",
@@ -27,6 +30,72 @@ __all__ = [
 
 _ZERO_IV = bytes(BLOCK_SIZE)
 _MAC_LENGTHS = {MacMethod.NONE: 0, MacMethod.MD5: 16, MacMethod.DESMAC: 8}
+
+
+class MessageKey(Protocol):
+    """A DES key that protects messages, held in software or in a token.
+
+    Every operation a message needs runs through it, so a token key never
+    leaves the token.
+    """
+
+    def cbc_encrypt(self, iv: bytes, data: bytes) -> bytes:
+        """DES-CBC of block-aligned ``data``."""
+        ...
+
+    def cbc_decrypt(self, iv: bytes, data: bytes) -> bytes:
+        """Inverse of :meth:`cbc_encrypt`."""
+        ...
+
+    def cbc_mac(self, data: bytes) -> bytes:
+        """DESMAC: ISO/IEC 9797-1 MAC algorithm 1, padding method 1."""
+        ...
+
+    def mac_variant(self) -> MessageKey:
+        """This key XOR F0F0F0F0F0F0F0F0 (MacKeyPolicy.VARIANT)."""
+        ...
+
+    def derive(self, random: bytes) -> MessageKey:
+        """The session key for ``random`` with this key as the base (0x10)."""
+        ...
+
+
+class SoftwareKey:
+    """A :class:`MessageKey` held in memory, computed with ``cryptography``.
+
+    ``variant`` is the DESMAC key of :meth:`mac_variant`; a derived session
+    key carries the variant derived from its base's variant (see
+    ``docs/protocol.md``, so that a token can derive both).
+    """
+
+    __slots__ = ("_key", "_variant")
+
+    def __init__(self, key: bytes, variant: bytes | None = None) -> None:
+        self._key = crypto.check_key(key)
+        if variant is None:
+            variant = crypto.key_variant(key, crypto.MAC_KEY_VARIANT_MASK)
+        self._variant = crypto.check_key(variant)
+
+    def __repr__(self) -> str:
+        return "<SoftwareKey>"
+
+    def cbc_encrypt(self, iv: bytes, data: bytes) -> bytes:
+        return crypto.des_cbc_encrypt(self._key, iv, data)
+
+    def cbc_decrypt(self, iv: bytes, data: bytes) -> bytes:
+        return crypto.des_cbc_decrypt(self._key, iv, data)
+
+    def cbc_mac(self, data: bytes) -> bytes:
+        return crypto.cbc_mac(self._key, data, Padding.ISO9797_M1)
+
+    def mac_variant(self) -> SoftwareKey:
+        return SoftwareKey(self._variant)
+
+    def derive(self, random: bytes) -> SoftwareKey:
+        return SoftwareKey(
+            derive_session_key(self._key, random),
+            derive_session_key(self._variant, random),
+        )
 
 
 @dataclass
@@ -51,7 +120,7 @@ class Protection:
 
     encryption: EncryptionMethod
     mac: MacMethod
-    key: bytes | None
+    key: MessageKey | None
     padding: Padding
     iv_policy: IvPolicy
     mac_key_policy: MacKeyPolicy
@@ -76,10 +145,10 @@ class Protection:
 
         key = self._key()
         iv = self._start_iv(chain)
-        body = crypto.des_cbc_encrypt(key, iv, crypto.pad(data, self.padding))
+        body = key.cbc_encrypt(iv, crypto.pad(data, self.padding))
         iv = body[-BLOCK_SIZE:]
         if mac:
-            mac = crypto.des_cbc_encrypt(key, iv, crypto.pad(mac, self.padding))
+            mac = key.cbc_encrypt(iv, crypto.pad(mac, self.padding))
             iv = mac[-BLOCK_SIZE:]
         chain.iv = iv
         return body, mac
@@ -95,10 +164,10 @@ class Protection:
             return body
 
         key = self._key()
-        padded = crypto.des_cbc_decrypt(key, self._start_iv(chain), body)
+        padded = key.cbc_decrypt(self._start_iv(chain), body)
         mac_padded = b""
         if mac_field:
-            mac_padded = crypto.des_cbc_decrypt(key, body[-BLOCK_SIZE:], mac_field)
+            mac_padded = key.cbc_decrypt(body[-BLOCK_SIZE:], mac_field)
         chain.iv = (mac_field or body)[-BLOCK_SIZE:]
 
         data, padding_ok = self._unpad(padded)
@@ -134,16 +203,16 @@ class Protection:
         if self.mac is MacMethod.MD5:
             return crypto.md5(data)
         if self.mac is MacMethod.DESMAC:
-            return crypto.cbc_mac(self._mac_key(), data, Padding.ISO9797_M1)
+            return self._mac_key().cbc_mac(data)
         return b""
 
-    def _mac_key(self) -> bytes:
+    def _mac_key(self) -> MessageKey:
         key = self._key()
         if self.mac_key_policy is MacKeyPolicy.VARIANT:
-            return crypto.key_variant(key, crypto.MAC_KEY_VARIANT_MASK)
+            return key.mac_variant()
         return key
 
-    def _key(self) -> bytes:
+    def _key(self) -> MessageKey:
         if self.key is None:
             raise ValueError("this protection needs a key")
         return self.key
@@ -175,6 +244,7 @@ def derive_session_key(base_key: bytes, random: bytes) -> bytes:
     """Key for UNIQUE_SESSION_KEYS (0x10): parity(DES-ECB(K_base, R)).
 
     Our choice, after the ISO/IEC 11770-2 key-derivation pattern; the ISCL
-    derivation is not public.
+    derivation is not public.  A token computes the same value with
+    DES3_ECB_ENCRYPT_DATA on K‖K‖K, which sets the parity too.
     """
     return crypto.fix_parity(crypto.des_ecb_encrypt(base_key, random))

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from iscl_hw.constants import (
     AUTH_DATA_MAX,
@@ -29,6 +29,9 @@ from iscl_hw.constants import (
 from iscl_hw.crypto import Padding
 from iscl_hw.errors import ConfigError
 from iscl_hw.wire import ByteOrder
+
+if TYPE_CHECKING:
+    from iscl_hw.secure import MessageKey
 
 __all__ = ["ChainStart", "IvPolicy", "KeyProvider", "MacKeyPolicy", "Settings"]
 
@@ -73,9 +76,10 @@ class MacKeyPolicy(enum.Enum):
 
 
 class KeyProvider(Protocol):
-    """Encryption keys 1..8 (DES, 8 bytes).  Raises ConfigError if absent."""
+    """Encryption keys 1..8: 8 DES key bytes, or a key that stays in a token.
+    ``get`` raises ConfigError if the key is absent."""
 
-    def get(self, index: int) -> bytes: ...
+    def get(self, index: int) -> bytes | MessageKey: ...
 
     def __contains__(self, index: object) -> bool: ...
 

@@ -19,7 +19,7 @@ from helpers import (
 )
 
 import iscl_hw
-from iscl_hw import aio, core, crypto
+from iscl_hw import aio, crypto, secure
 from iscl_hw.arbiter import CardArbiter
 from iscl_hw.card import ApduCard
 from iscl_hw.constants import UNIQUE_SESSION_KEYS, EncryptionMethod, MacMethod
@@ -83,14 +83,14 @@ class Recorder:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.texts: list[str] = []
         self.derived: list[bytes] = []
-        real = core.derive_session_key
+        real = secure.derive_session_key
 
         def derive(base: bytes, random: bytes) -> bytes:
             key = real(base, random)
             self.derived.append(key)
             return key
 
-        monkeypatch.setattr(core, "derive_session_key", derive)
+        monkeypatch.setattr(secure, "derive_session_key", derive)
 
     def add(self, *objects: object) -> None:
         for obj in objects:
