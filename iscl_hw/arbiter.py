@@ -53,6 +53,7 @@ class CardArbiter:
         """The one arbiter of ``card``, shared by every connection using it."""
         if isinstance(card, CardArbiter):
             return card
+        card = card.for_connection()
         with _REGISTRY_LOCK:
             arbiter = _ARBITERS.get(card)
             if arbiter is None:

@@ -59,6 +59,14 @@ class Card(abc.ABC):
     def close(self) -> None:
         """Release the card; later calls raise."""
 
+    def for_connection(self) -> Card:
+        """The card one connection uses: this card, by default.
+
+        A card that keeps each connection's challenge on the host (a PKCS#11
+        token) returns a fresh view, so its handshakes need no shared span.
+        """
+        return self
+
     def begin_span(self) -> None:
         """The span from GET CHALLENGE to EXTERNAL AUTHENTICATE begins.
 

@@ -345,6 +345,7 @@ class Connection:
         self._error = exc
         self._phase = Phase.ERROR
         self._card_pending = None
+        self._discard_session_keys()
         if isinstance(exc, IntegrityError | ConnectionLost):
             self._out.clear()
 
@@ -1029,9 +1030,18 @@ class Connection:
         _check_ack(frame, "line disconnection request")
         self._closed(by_peer=False)
 
+    def _discard_session_keys(self) -> None:
+        """A message cut short leaves its session key behind: destroy it."""
+        if self.settings.encryption_key_index == UNIQUE_SESSION_KEYS:
+            _discard_key(self._tx_protection)
+        incoming = self._rx_current
+        if incoming is not None and incoming.key_index == UNIQUE_SESSION_KEYS:
+            _discard_key(incoming.protection)
+
     def _closed(self, by_peer: bool) -> None:
         self._phase = Phase.CLOSED
         self._tx_queue.clear()
+        self._discard_session_keys()
         self._emit(ConnectionClosed(by_peer))
 
 
