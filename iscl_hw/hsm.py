@@ -99,13 +99,17 @@ class MechanismUnavailable(ConfigError):
     """The token offers no working way to run an operation ISCL needs."""
 
 
-_LOGGED_OUT = (p11.UserNotLoggedIn, p11.KeyHandleInvalid, p11.ObjectHandleInvalid)
+_LOGGED_OUT = (
+    p11.UserNotLoggedIn,
+    p11.KeyHandleInvalid,
+    p11.ObjectHandleInvalid,
+    p11.SessionClosed,
+    p11.SessionHandleInvalid,
+)
 _REMOVED = (
     p11.DeviceRemoved,
     p11.TokenNotPresent,
     p11.TokenNotRecognised,
-    p11.SessionClosed,
-    p11.SessionHandleInvalid,
     p11.DeviceError,
 )
 
@@ -448,8 +452,8 @@ class Token:
             except _LOGGED_OUT as exc:
                 self._reset()
                 raise TokenLoggedOut(
-                    f"token {self.name!r}: {what} failed, not logged in "
-                    f"({type(exc).__name__})"
+                    f"token {self.name!r}: {what} failed, not logged in or "
+                    f"session closed ({type(exc).__name__})"
                 ) from None
             except _REMOVED as exc:
                 self._reset()
@@ -744,7 +748,7 @@ class TokenCard(Card):
     def __init__(self, token: Token, name: str | None = None) -> None:
         self.name = name or f"token {token.name}"
         self.token = token
-        self._outstanding: set[bytes] = set()
+        self._outstanding: dict[bytes, object] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -756,12 +760,20 @@ class TokenCard(Card):
     def get_challenge(self) -> bytes:
         raise CardError("use TokenCard.for_connection(): a challenge is per connection")
 
-    def internal_authenticate(self, key_ref: int, challenge: bytes) -> bytes:
+    def internal_authenticate(
+        self, key_ref: int, challenge: bytes, asker: object = None
+    ) -> bytes:
+        """DES-ECB of ``challenge`` under authentication key ``key_ref``.
+
+        A challenge this token has out is answered only for the connection
+        that issued it (its host-side check of the peer's answer).
+        """
         check_key_ref(key_ref)
         check_block("challenge", challenge)
         with self._lock:
-            reflected = challenge in self._outstanding
-        if reflected:
+            issuer = self._outstanding.get(challenge)
+        if issuer is not None and issuer is not asker:
+            log.warning("%s: refused to answer its own challenge", self.name)
             raise CardError(f"{self.name}: refused to answer its own challenge")
         return self.token.ecb(key_label(KeyKind.AUTH, key_ref), challenge)
 
@@ -772,13 +784,13 @@ class TokenCard(Card):
         """The token is closed by its owner, not by a card."""
         return
 
-    def _issue(self, challenge: bytes) -> None:
+    def _issue(self, challenge: bytes, issuer: object) -> None:
         with self._lock:
-            self._outstanding.add(challenge)
+            self._outstanding[challenge] = issuer
 
     def _withdraw(self, challenge: bytes) -> None:
         with self._lock:
-            self._outstanding.discard(challenge)
+            self._outstanding.pop(challenge, None)
 
 
 class _TokenCardView(Card):
@@ -796,11 +808,11 @@ class _TokenCardView(Card):
         self._forget()
         challenge = self._card.token.random(CHALLENGE_LENGTH)
         self._challenge = challenge
-        self._card._issue(challenge)
+        self._card._issue(challenge, self)
         return challenge
 
     def internal_authenticate(self, key_ref: int, challenge: bytes) -> bytes:
-        return self._card.internal_authenticate(key_ref, challenge)
+        return self._card.internal_authenticate(key_ref, challenge, asker=self)
 
     def external_authenticate(self, key_ref: int, response: bytes) -> None:
         check_key_ref(key_ref)
