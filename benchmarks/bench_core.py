@@ -27,7 +27,7 @@ from iscl_hw.endpoint import Endpoint, Timeouts
 from iscl_hw.errors import IsclError
 from iscl_hw.events import MessageReceived
 from iscl_hw.keyfile import KeyStore
-from iscl_hw.settings import Settings
+from iscl_hw.settings import KeyProvider, Settings
 from softcard.cardfile import new_card_state
 from softcard.emulator import SoftCard
 
@@ -43,7 +43,11 @@ def make_cards() -> tuple[ApduCard, ApduCard, KeyStore]:
 
 
 async def time_handshakes(
-    server_card: Card, client_card: Card, keys: KeyStore, count: int
+    server_card: Card,
+    client_card: Card,
+    keys: KeyProvider,
+    count: int,
+    client_keys: KeyProvider | None = None,
 ) -> list[float]:
     """Seconds per full handshake (TCP connect to authenticated), ``count``
     times over one server."""
@@ -59,7 +63,7 @@ async def time_handshakes(
         for _ in range(count):
             started = time.perf_counter()
             channel = await aio.open_connection(
-                "127.0.0.1", port, card=client_card, keys=keys
+                "127.0.0.1", port, card=client_card, keys=client_keys or keys
             )
             times.append(time.perf_counter() - started)
             await channel.close()
@@ -74,8 +78,17 @@ async def bench_handshakes(count: int) -> list[float]:
     return await time_handshakes(server_card, client_card, keys, count)
 
 
-async def bench_throughput(megabytes: int, settings: Settings) -> float:
-    server_card, client_card, keys = make_cards()
+async def bench_throughput(
+    megabytes: int,
+    settings: Settings,
+    sides: tuple[Card, Card, KeyProvider, KeyProvider] | None = None,
+) -> float:
+    """MB/s of 1 MiB messages client to server; ``sides`` is (server card,
+    client card, server keys, client keys), virtual cards by default."""
+    if sides is None:
+        server_card, client_card, keys = make_cards()
+        sides = (server_card, client_card, keys, keys)
+    server_card, client_card, server_keys, client_keys = sides
     done = asyncio.Event()
 
     async def handle(channel: aio.AsyncChannel) -> None:
@@ -85,13 +98,13 @@ async def bench_throughput(megabytes: int, settings: Settings) -> float:
         await channel.recv_message()
 
     server = await aio.start_server(
-        handle, "127.0.0.1", 0, card=server_card, keys=keys, settings=settings
+        handle, "127.0.0.1", 0, card=server_card, keys=server_keys, settings=settings
     )
     port = server.sockets[0].getsockname()[1]
     payload = os.urandom(MIB)
     try:
         channel = await aio.open_connection(
-            "127.0.0.1", port, card=client_card, keys=keys, settings=settings
+            "127.0.0.1", port, card=client_card, keys=client_keys, settings=settings
         )
         started = time.perf_counter()
         for _ in range(megabytes):

@@ -442,29 +442,31 @@ class Token:
     ) -> _T:
         """Run ``operation`` on a pooled session; PKCS#11 errors become
         typed errors naming the token and ``what``."""
-        with self.session(pinned) as pooled:
-            try:
-                return operation(pooled)
-            except p11.NoSuchKey:
-                raise ConfigError(
-                    f"token {self.name!r}: no key object for {what}"
-                ) from None
-            except _LOGGED_OUT as exc:
-                self._reset()
-                raise TokenLoggedOut(
-                    f"token {self.name!r}: {what} failed, not logged in or "
-                    f"session closed ({type(exc).__name__})"
-                ) from None
-            except _REMOVED as exc:
-                self._reset()
-                raise TokenRemoved(
-                    f"token {self.name!r}: {what} failed, the token went away "
-                    f"({type(exc).__name__})"
-                ) from None
-            except p11.PKCS11Error as exc:
-                raise TokenError(
-                    f"token {self.name!r}: {what} failed ({type(exc).__name__})"
-                ) from None
+        pooled = self._acquire(pinned)
+        try:
+            return operation(pooled)
+        except p11.NoSuchKey:
+            raise ConfigError(
+                f"token {self.name!r}: no key object for {what}"
+            ) from None
+        except _LOGGED_OUT as exc:
+            self._reset()
+            raise TokenLoggedOut(
+                f"token {self.name!r}: {what} failed, not logged in or "
+                f"session closed ({type(exc).__name__})"
+            ) from None
+        except _REMOVED as exc:
+            self._reset()
+            raise TokenRemoved(
+                f"token {self.name!r}: {what} failed, the token went away "
+                f"({type(exc).__name__})"
+            ) from None
+        except p11.PKCS11Error as exc:
+            raise TokenError(
+                f"token {self.name!r}: {what} failed ({type(exc).__name__})"
+            ) from None
+        finally:
+            self._release(pooled)
 
     def close(self) -> None:
         """Log out and close every session; later calls raise TokenError."""
@@ -800,6 +802,9 @@ class _TokenCardView(Card):
         self.name = card.name
         self._card = card
         self._challenge = b""
+        # The token's answer to our own challenge, once the host-side check
+        # asked for it: EXTERNAL AUTHENTICATE then compares with it.
+        self._expected: tuple[int, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<TokenCard view {self.name!r}>"
@@ -812,15 +817,22 @@ class _TokenCardView(Card):
         return challenge
 
     def internal_authenticate(self, key_ref: int, challenge: bytes) -> bytes:
-        return self._card.internal_authenticate(key_ref, challenge, asker=self)
+        answer = self._card.internal_authenticate(key_ref, challenge, asker=self)
+        if self._challenge and challenge == self._challenge:
+            self._expected = (key_ref, answer)
+        return answer
 
     def external_authenticate(self, key_ref: int, response: bytes) -> None:
         check_key_ref(key_ref)
         check_block("response", response)
+        expected_for = self._expected
         challenge = self._forget()
         if not challenge:
             raise CardError(f"{self.name}: EXTERNAL AUTHENTICATE without a challenge")
-        expected = self._card.token.ecb(key_label(KeyKind.AUTH, key_ref), challenge)
+        if expected_for is not None and expected_for[0] == key_ref:
+            expected = expected_for[1]
+        else:
+            expected = self._card.token.ecb(key_label(KeyKind.AUTH, key_ref), challenge)
         if not crypto.constant_time_equal(expected, response):
             raise VerificationFailed(
                 f"{self.name}: the peer's answer is wrong", 0x63, 0x00
@@ -833,6 +845,7 @@ class _TokenCardView(Card):
         self._forget()
 
     def _forget(self) -> bytes:
+        self._expected = None
         challenge, self._challenge = self._challenge, b""
         if challenge:
             self._card._withdraw(challenge)

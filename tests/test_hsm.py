@@ -1,0 +1,447 @@
+"""The PKCS#11 backend on a real SoftHSM2 token.
+
+Token cryptography is checked against FIPS 81 and against the software path
+(the ``cryptography`` library) for the same keys; whole connections run
+token to token and token to virtual card over TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from iscl_hw import aio, crypto
+from iscl_hw.constants import UNIQUE_SESSION_KEYS, EncryptionMethod, MacMethod
+from iscl_hw.errors import (
+    CardError,
+    ConfigError,
+    LineClosed,
+    PeerAuthenticationFailed,
+    PeerRejectedAuthentication,
+    TransmissionRefused,
+)
+from iscl_hw.hsm import (
+    KeyKind,
+    MechanismUnavailable,
+    Token,
+    TokenCard,
+    TokenConfig,
+    TokenError,
+    TokenKeys,
+    TokenLoggedOut,
+    key_label,
+)
+from iscl_hw.keyfile import KeyStore
+from iscl_hw.secure import SoftwareKey
+from iscl_hw.settings import Settings
+from tests.helpers import make_card, random_keys, serving, settle
+from tests.hsm_env import HsmSession, HsmToken, hsm  # noqa: F401
+
+# FIPS 81 Appendix B and C.
+FIPS_KEY = bytes.fromhex("0123456789ABCDEF")
+FIPS_IV = bytes.fromhex("1234567890ABCDEF")
+FIPS_PLAIN = b"Now is the time for all "
+FIPS_CBC = bytes.fromhex("E5C7CDDE872BF27C43E934008C389C0F683788499A7C05F6")
+
+AUTH = random_keys()
+ENC = random_keys()
+
+
+def open_token(t: HsmToken, **options: object) -> Token:
+    return Token(
+        TokenConfig(str(t.module), label=t.label, pin=t.pin, **options)  # type: ignore[arg-type]
+    )
+
+
+def provisioned(t: HsmToken, auth: dict[int, bytes], enc: dict[int, bytes]) -> Token:
+    token = open_token(t)
+    for index, key in auth.items():
+        token.import_key(KeyKind.AUTH, index, key)
+    for index, key in enc.items():
+        token.import_key(KeyKind.ENC, index, key)
+    return token
+
+
+@pytest.fixture(scope="module")
+def server_token(hsm: HsmSession) -> Iterator[Token]:  # noqa: F811
+    token = provisioned(hsm.token("server"), AUTH, ENC)
+    yield token
+    token.close()
+
+
+@pytest.fixture(scope="module")
+def client_token(hsm: HsmSession) -> Iterator[Token]:  # noqa: F811
+    token = provisioned(hsm.token("client"), AUTH, ENC)
+    yield token
+    token.close()
+
+
+# -- token cryptography -------------------------------------------------------
+
+
+def test_token_des_cbc_matches_fips81(hsm: HsmSession) -> None:  # noqa: F811
+    token = provisioned(hsm.token(), {}, {1: FIPS_KEY})
+    with token:
+        key = TokenKeys(token).get(1)
+        assert key.cbc_encrypt(FIPS_IV, FIPS_PLAIN) == FIPS_CBC
+        assert key.cbc_decrypt(FIPS_IV, FIPS_CBC) == FIPS_PLAIN
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 8, 9, 15, 16, 17, 100, 4096])
+def test_token_results_equal_the_software_path(
+    server_token: Token, length: int
+) -> None:
+    data, iv, random = os.urandom(length), os.urandom(8), os.urandom(8)
+    token_key = TokenKeys(server_token).get(2)
+    soft_key = SoftwareKey(ENC[2])
+    padded = crypto.pad(data, crypto.Padding.PKCS5)
+
+    assert token_key.cbc_encrypt(iv, padded) == soft_key.cbc_encrypt(iv, padded)
+    assert token_key.cbc_decrypt(iv, padded) == soft_key.cbc_decrypt(iv, padded)
+    assert token_key.cbc_mac(data) == crypto.cbc_mac(ENC[2], data)
+    assert token_key.mac_variant().cbc_mac(data) == soft_key.mac_variant().cbc_mac(data)
+
+    token_session, soft_session = token_key.derive(random), soft_key.derive(random)
+    assert token_session.cbc_encrypt(iv, padded) == soft_session.cbc_encrypt(iv, padded)
+    assert token_session.mac_variant().cbc_mac(
+        data
+    ) == soft_session.mac_variant().cbc_mac(data)
+    token_session.discard()
+
+
+def test_session_key_derivation_is_parity_of_des_ecb(server_token: Token) -> None:
+    random = os.urandom(8)
+    expected = crypto.fix_parity(crypto.des_ecb_encrypt(ENC[3], random))
+    derived = TokenKeys(server_token).get(3).derive(random)
+    block = os.urandom(8)
+    assert derived.cbc_encrypt(bytes(8), block) == crypto.des_ecb_encrypt(
+        expected, block
+    )
+    derived.discard()
+
+
+def test_listing_shows_check_values_not_keys(server_token: Token) -> None:
+    listed = server_token.list_keys()
+    labels = [k.label for k in listed]
+    assert key_label(KeyKind.AUTH, 1) in labels
+    assert key_label(KeyKind.ENC, 8, mac_variant=True) in labels
+    by_label = {k.label: k for k in listed}
+    kcv = crypto.des_ecb_encrypt(ENC[5], bytes(8)).hex()[:6].upper()
+    assert by_label["iscl-enc-5"].check_value == kcv
+    text = repr(listed) + repr(server_token)
+    for key in [*AUTH.values(), *ENC.values()]:
+        assert key.hex() not in text.lower()
+
+
+def test_a_label_is_never_overwritten(server_token: Token) -> None:
+    with pytest.raises(ConfigError, match="already holds iscl-auth-1"):
+        server_token.import_key(KeyKind.AUTH, 1, os.urandom(8))
+
+
+def test_keys_are_sensitive_and_not_extractable(server_token: Token) -> None:
+    from pkcs11 import Attribute, ObjectClass
+
+    with server_token.session() as pooled:
+        for obj in pooled.session.get_objects(
+            {Attribute.CLASS: ObjectClass.SECRET_KEY}
+        ):
+            if obj.label and obj.label.startswith("iscl-"):
+                assert obj[Attribute.SENSITIVE] is True
+                assert obj[Attribute.EXTRACTABLE] is False
+
+
+# -- the card -----------------------------------------------------------------
+
+
+def test_card_answers_and_checks_in_the_token(server_token: Token) -> None:
+    card = TokenCard(server_token)
+    view = card.for_connection()
+    challenge = view.get_challenge()
+    answer = crypto.des_ecb_encrypt(AUTH[4], challenge)
+    view.external_authenticate(4, answer)
+
+    other = os.urandom(8)
+    assert card.internal_authenticate(4, other) == crypto.des_ecb_encrypt(
+        AUTH[4], other
+    )
+
+
+def test_a_challenge_answers_once(server_token: Token) -> None:
+    view = TokenCard(server_token).for_connection()
+    challenge = view.get_challenge()
+    answer = crypto.des_ecb_encrypt(AUTH[1], challenge)
+    view.external_authenticate(1, answer)
+    with pytest.raises(CardError, match="without a challenge"):
+        view.external_authenticate(1, answer)
+
+
+def test_wrong_answer_is_refused(server_token: Token) -> None:
+    view = TokenCard(server_token).for_connection()
+    view.get_challenge()
+    with pytest.raises(CardError, match="wrong"):
+        view.external_authenticate(1, os.urandom(8))
+
+
+def test_wrong_answer_is_refused_after_the_host_check(server_token: Token) -> None:
+    view = TokenCard(server_token).for_connection()
+    challenge = view.get_challenge()
+    right = view.internal_authenticate(3, challenge)  # the host-side check
+    assert right == crypto.des_ecb_encrypt(AUTH[3], challenge)
+    with pytest.raises(CardError, match="wrong"):
+        view.external_authenticate(3, bytes(a ^ 1 for a in right))
+
+
+def test_own_challenge_is_never_answered(server_token: Token) -> None:
+    card = TokenCard(server_token)
+    challenge = card.for_connection().get_challenge()
+    with pytest.raises(CardError, match="its own challenge"):
+        card.internal_authenticate(1, challenge)
+    with pytest.raises(CardError, match="its own challenge"):
+        card.for_connection().internal_authenticate(1, challenge)
+
+
+def test_connections_have_their_own_challenges(server_token: Token) -> None:
+    card = TokenCard(server_token)
+    first, second = card.for_connection(), card.for_connection()
+    c1, c2 = first.get_challenge(), second.get_challenge()
+    second.external_authenticate(2, crypto.des_ecb_encrypt(AUTH[2], c2))
+    first.external_authenticate(2, crypto.des_ecb_encrypt(AUTH[2], c1))
+
+
+# -- start-up failures --------------------------------------------------------
+
+
+def test_wrong_pin_is_a_clear_error(hsm: HsmSession) -> None:  # noqa: F811
+    t = hsm.token()
+    config = TokenConfig(str(t.module), label=t.label, pin=b"not-the-pin")
+    with pytest.raises(TokenError, match="PIN was refused") as raised:
+        Token(config)
+    assert "not-the-pin" not in str(raised.value)
+    assert "not-the-pin" not in repr(config)
+
+
+def test_unknown_token_is_a_clear_error(hsm: HsmSession) -> None:  # noqa: F811
+    t = hsm.token()
+    with pytest.raises(TokenError, match="no PKCS#11 token with label 'absent'"):
+        Token(TokenConfig(str(t.module), label="absent", pin=t.pin))
+
+
+def test_missing_mechanism_fails_before_any_connection(
+    hsm: HsmSession,  # noqa: F811
+) -> None:
+    t = hsm.token()
+    allowed = frozenset({"DES3_ECB", "DES3_ECB_ENCRYPT_DATA"})
+    with pytest.raises(MechanismUnavailable) as raised:
+        open_token(t, allowed_mechanisms=allowed)
+    message = str(raised.value)
+    assert t.label in message
+    assert "DES3_CBC" in message
+
+
+def test_missing_key_object_refuses_the_message(
+    hsm: HsmSession,  # noqa: F811
+) -> None:
+    partial = provisioned(hsm.token("partial"), AUTH, {1: ENC[1]})
+    soft_card, _, _ = make_card(AUTH)
+
+    async def scenario() -> None:
+        async with serving(
+            echo_handler, TokenCard(partial), TokenKeys(partial)
+        ) as port:
+            channel = await aio.open_connection(
+                "127.0.0.1",
+                port,
+                card=soft_card,
+                keys=KeyStore(ENC),
+                settings=Settings(encryption_key_index=3),
+            )
+            async with channel:
+                with pytest.raises(TransmissionRefused):
+                    await channel.send(b"x")
+            await settle()
+
+    with partial:
+        asyncio.run(scenario())
+
+
+# -- whole connections --------------------------------------------------------
+
+
+async def echo_handler(channel: aio.AsyncChannel) -> None:
+    try:
+        while True:
+            await channel.send(await channel.recv())
+    except LineClosed:
+        pass
+
+
+COMBOS = [
+    (EncryptionMethod.DES_CBC, MacMethod.MD5, 1),
+    (EncryptionMethod.DES_CBC, MacMethod.DESMAC, 2),
+    (EncryptionMethod.DES_CBC, MacMethod.NONE, 3),
+    (EncryptionMethod.NONE, MacMethod.DESMAC, 4),
+    (EncryptionMethod.DES_CBC, MacMethod.MD5, UNIQUE_SESSION_KEYS),
+    (EncryptionMethod.DES_CBC, MacMethod.DESMAC, UNIQUE_SESSION_KEYS),
+    (EncryptionMethod.NONE, MacMethod.DESMAC, UNIQUE_SESSION_KEYS),
+]
+
+
+def relaxed(encryption: EncryptionMethod, mac: MacMethod, index: int) -> Settings:
+    return Settings(
+        encryption=encryption,
+        mac=mac,
+        encryption_key_index=index,
+        session_key_base_index=5,
+        require_encryption=False,
+        allow_no_mac=True,
+    )
+
+
+@pytest.mark.parametrize("peer", ["token", "software"])
+@pytest.mark.parametrize(
+    ("encryption", "mac", "index"),
+    COMBOS,
+    ids=[f"{e.name}-{m.name}-key{i:X}" for e, m, i in COMBOS],
+)
+def test_transfer_with_every_setting(
+    server_token: Token,
+    client_token: Token,
+    peer: str,
+    encryption: EncryptionMethod,
+    mac: MacMethod,
+    index: int,
+) -> None:
+    """Token server; the client is a second token, or a virtual card with
+    software keys (so the token's bytes must equal the software path's)."""
+    settings = relaxed(encryption, mac, index)
+    messages = [b"", b"a", os.urandom(1000), os.urandom(70_000)]
+    if peer == "token":
+        card, keys = TokenCard(client_token), TokenKeys(client_token)
+    else:
+        soft_card, _, _ = make_card(AUTH)
+        card, keys = soft_card, KeyStore(ENC)
+
+    async def scenario() -> None:
+        async with serving(
+            echo_handler,
+            TokenCard(server_token),
+            TokenKeys(server_token),
+            settings=settings,
+        ) as port:
+            channel = await aio.open_connection(
+                "127.0.0.1", port, card=card, keys=keys, settings=settings
+            )
+            async with channel:
+                for message in messages:
+                    if not message:
+                        continue
+                    await channel.send(message)
+                    echoed = await channel.recv_message()
+                    assert echoed.data == message
+            await settle()
+
+    asyncio.run(scenario())
+
+
+def test_wrong_authentication_key_fails_the_handshake(
+    server_token: Token,
+    hsm: HsmSession,  # noqa: F811
+) -> None:
+    wrong = {i: os.urandom(8) for i in AUTH}
+    stranger = provisioned(hsm.token("stranger"), wrong, ENC)
+
+    async def scenario() -> None:
+        async with serving(
+            echo_handler, TokenCard(server_token), TokenKeys(server_token)
+        ) as port:
+            with pytest.raises((PeerAuthenticationFailed, PeerRejectedAuthentication)):
+                await aio.open_connection(
+                    "127.0.0.1",
+                    port,
+                    card=TokenCard(stranger),
+                    keys=TokenKeys(stranger),
+                )
+            await settle()
+
+    with stranger:
+        asyncio.run(scenario())
+
+
+def test_logout_mid_transfer_ends_the_connection_then_logs_in_again(
+    server_token: Token,
+    hsm: HsmSession,  # noqa: F811
+) -> None:
+    client_token = provisioned(hsm.token("logout"), AUTH, ENC)
+
+    async def scenario() -> None:
+        async with serving(
+            echo_handler, TokenCard(server_token), TokenKeys(server_token)
+        ) as port:
+            channel = await aio.open_connection(
+                "127.0.0.1",
+                port,
+                card=TokenCard(client_token),
+                keys=TokenKeys(client_token),
+            )
+            await channel.send(b"before")
+            assert await channel.recv() == b"before"
+
+            # What another part of the process does: close the session that
+            # logged in, which logs every session of the token out.
+            client_token._sessions[0].session.close()
+            with pytest.raises(TokenLoggedOut, match="not logged in"):
+                await channel.send(b"during")
+            await channel.abort()
+
+            again = await aio.open_connection(
+                "127.0.0.1",
+                port,
+                card=TokenCard(client_token),
+                keys=TokenKeys(client_token),
+            )
+            async with again:
+                await again.send(b"after")
+                assert await again.recv() == b"after"
+            await settle()
+
+    with client_token:
+        asyncio.run(scenario())
+
+
+def test_hundred_concurrent_handshakes_on_one_token(
+    server_token: Token, client_token: Token
+) -> None:
+    waits: list[float] = []
+
+    async def one(port: int) -> None:
+        started = time.monotonic()
+        channel = await aio.open_connection(
+            "127.0.0.1",
+            port,
+            card=TokenCard(client_token),
+            keys=TokenKeys(client_token),
+        )
+        waits.append(time.monotonic() - started)
+        async with channel:
+            await channel.send(b"ping")
+            assert await channel.recv() == b"ping"
+
+    async def scenario() -> None:
+        async with serving(
+            echo_handler,
+            TokenCard(server_token),
+            TokenKeys(server_token),
+            max_handshakes_per_peer=100,
+        ) as port:
+            await asyncio.gather(*(one(port) for _ in range(100)))
+            await settle()
+
+    asyncio.run(scenario())
+    assert len(waits) == 100
+    # Correctness bound, not a speed target (that is in the benchmark): a
+    # shared span would make the last of 100 wait for all the others.
+    assert max(waits) < 10
