@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from iscl_hw import __version__, cli_card
+from iscl_hw import __version__, cli_card, cli_hsm
 from iscl_hw.errors import IsclError
 from iscl_hw.filexfer import DEFAULT_CHUNK_SIZE
 
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     cli_card.register(commands)
+    cli_hsm.register(commands)
     return parser
 
 
