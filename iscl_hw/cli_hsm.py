@@ -16,13 +16,13 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from iscl_hw import cli_pcsc, softhsm
 from iscl_hw.errors import IsclError
 from iscl_hw.pcsc import PinSource
 
-__all__ = ["cmd_hsm_init", "register"]
+__all__ = ["cmd_hsm_import_key", "cmd_hsm_init", "cmd_hsm_list", "register"]
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 2
@@ -37,11 +37,53 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     hsm = subparsers.add_parser("hsm", help="SoftHSM2 tokens for the PKCS#11 backend")
     commands = hsm.add_subparsers(dest="hsm_command", required=True)
     _add_init(commands)
-    # ------------------------------------------------------------------
-    # Room for the PKCS#11 backend's subcommands (iscl_hw/pkcs11.py):
-    #   import-key  put ISCL keys onto a token
-    #   list        the tokens and their ISCL keys
-    # ------------------------------------------------------------------
+    _add_import_key(commands)
+    _add_list(commands)
+
+
+def _add_token_options(parser: argparse.ArgumentParser) -> None:
+    """Which token (never by slot number) and where its user PIN comes from."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--label", help="the token's label")
+    which.add_argument("--serial", help="the token's serial number")
+    parser.add_argument(
+        "--module",
+        type=Path,
+        metavar="PATH",
+        help=f"PKCS#11 module (default: ${softhsm.MODULE_ENV} or SoftHSM2)",
+    )
+    pin = parser.add_mutually_exclusive_group()
+    pin.add_argument("--pin-env", metavar="VAR", help="read the user PIN from $VAR")
+    pin.add_argument("--pin-file", type=Path, metavar="PATH", help="read the user PIN")
+
+
+def _add_import_key(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    parser = commands.add_parser(
+        "import-key",
+        help="store an ISCL key in a token (sensitive, not extractable)",
+        description="Stores authentication or encryption key N as the object "
+        "iscl-KIND-N (and, for an encryption key, its DESMAC variant "
+        "iscl-enc-N-mac).  The key is 16 hex digits read from --key-file, or "
+        "from standard input with '--key-file -'; never from the command line.",
+    )
+    _add_token_options(parser)
+    parser.add_argument("--kind", required=True, choices=[k.value for k in _kinds()])
+    parser.add_argument("--index", required=True, type=int, choices=range(1, 9))
+    parser.add_argument(
+        "--key-file", required=True, metavar="PATH", help="file with the key, or -"
+    )
+    parser.set_defaults(func=cmd_hsm_import_key)
+
+
+def _add_list(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "list",
+        help="the ISCL key objects of a token (check values, never keys)",
+    )
+    _add_token_options(parser)
+    parser.set_defaults(func=cmd_hsm_list)
 
 
 def _add_init(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -113,4 +155,82 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     print(f"module: {module}")
     print("to use it, export:")
     print(f"  export {softhsm.CONF_ENV}={shlex.quote(str(conf))}")
+    return EXIT_OK
+
+
+def _kinds() -> list[Any]:
+    from iscl_hw.hsm import KeyKind
+
+    return list(KeyKind)
+
+
+def _open_token(args: argparse.Namespace) -> Any:
+    """The token the options name, logged in (python-pkcs11 loaded lazily,
+    so the rest of the CLI works without it)."""
+    try:
+        from iscl_hw import hsm
+    except ImportError as exc:
+        raise _UsageError(
+            "the PKCS#11 backend needs python-pkcs11: pip install 'iscl[pkcs11]'"
+        ) from exc
+    module = args.module if args.module is not None else softhsm.find_module()
+    if not Path(module).is_file():
+        raise _UsageError(f"PKCS#11 module {module}: no such file")
+    source: PinSource
+    if args.pin_env is not None:
+        source = cli_pcsc.pin_from_env(args.pin_env)
+    elif args.pin_file is not None:
+        source = cli_pcsc.pin_from_file(args.pin_file)
+    else:
+        source = cli_pcsc.pin_from_prompt("token user PIN: ")
+    config = hsm.TokenConfig(
+        str(module), label=args.label, serial=args.serial, pin=source(), sessions=1
+    )
+    return hsm.Token(config)
+
+
+def _read_key(path: str) -> bytes:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    digits = "".join(text.split())
+    if len(digits) != 16:
+        raise _UsageError("the key must be 16 hex digits (8 bytes)")
+    try:
+        return bytes.fromhex(digits)
+    except ValueError:
+        raise _UsageError("the key must be 16 hex digits (8 bytes)") from None
+
+
+def cmd_hsm_import_key(args: argparse.Namespace) -> int:
+    """Handle ``iscl hsm import-key``."""
+    from iscl_hw.hsm import KeyKind
+
+    try:
+        key = _read_key(args.key_file)
+        with _open_token(args) as token:
+            labels = token.import_key(KeyKind(args.kind), args.index, key)
+            kcv = {k.label: k.check_value for k in token.list_keys()}
+    except (IsclError, OSError) as exc:
+        return _fail("import-key", str(exc))
+    for label in labels:
+        print(f"stored {label} (check value {kcv.get(label, '?')})")
+    return EXIT_OK
+
+
+def cmd_hsm_list(args: argparse.Namespace) -> int:
+    """Handle ``iscl hsm list``."""
+    try:
+        with _open_token(args) as token:
+            keys = token.list_keys()
+            mechanisms = sorted(token.mechanisms())
+            way = token.way
+    except (IsclError, OSError) as exc:
+        return _fail("list", str(exc))
+    print(f"token {args.label or args.serial}: single DES runs as {way.name}")
+    print(f"  mechanisms used: {', '.join(way.mechanisms)}")
+    des = [m for m in mechanisms if "DES" in m]
+    print(f"  DES mechanisms offered and allowed: {', '.join(des) or 'none'}")
+    if not keys:
+        print("  no ISCL key objects")
+    for info in keys:
+        print(f"  {info.label:<16} {info.key_type:<5} check value {info.check_value}")
     return EXIT_OK

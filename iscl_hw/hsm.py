@@ -182,7 +182,7 @@ class DesWay:
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
-        return tuple(m.name for m in (self.ecb, self.cbc, self.derive))
+        return tuple(_mechanism_name(m) for m in (self.ecb, self.cbc, self.derive))
 
     def key_value(self, key: bytes) -> bytes:
         return crypto.check_key(key) * self.copies
@@ -484,7 +484,7 @@ class Token:
         """Names of the mechanisms the token lists and the settings allow."""
         assert self._token is not None
         listed = {
-            m.name
+            _mechanism_name(m)
             for m in self._token.slot.get_mechanisms()
             if isinstance(m, Mechanism)
         }
@@ -518,12 +518,12 @@ class Token:
             )
             try:
                 if key.encrypt(_KAT_PLAIN[:8], mechanism=way.ecb) != _KAT_ECB:
-                    return f"{way.ecb.name} gives a wrong answer"
+                    return f"{_mechanism_name(way.ecb)} gives a wrong answer"
                 cbc = key.encrypt(
                     _KAT_PLAIN, mechanism=way.cbc, mechanism_param=_KAT_IV
                 )
                 if cbc != _KAT_CBC:
-                    return f"{way.cbc.name} gives a wrong answer"
+                    return f"{_mechanism_name(way.cbc)} gives a wrong answer"
                 derived = _derive(key, way, _KAT_IV)
                 try:
                     expected = crypto.des_ecb_encrypt(
@@ -531,7 +531,7 @@ class Token:
                         _KAT_PLAIN[:8],
                     )
                     if derived.encrypt(_KAT_PLAIN[:8], mechanism=way.ecb) != expected:
-                        return f"{way.derive.name} derives a wrong key"
+                        return f"{_mechanism_name(way.derive)} derives a wrong key"
                 finally:
                     derived.destroy()
             except p11.PKCS11Error as exc:
@@ -545,7 +545,7 @@ class Token:
     def _check_keys(self) -> None:
         """Refuse key objects this token cannot use with the chosen way."""
         for info in self.list_keys():
-            if info.key_type != self.way.key_type.name:
+            if info.key_type != self.way.key_type.name.lstrip("_"):
                 raise MechanismUnavailable(
                     f"token {self.name!r}: key {info.label} is a {info.key_type} "
                     f"key, but this token runs single DES only as {self.way.name}"
@@ -574,7 +574,7 @@ class Token:
                     else "?"
                 )
                 name = (
-                    obj.key_type.name
+                    obj.key_type.name.lstrip("_")
                     if isinstance(obj.key_type, KeyType)
                     else str(obj.key_type)
                 )
@@ -870,6 +870,12 @@ def _load(module: str) -> Any:
                     f"cannot load PKCS#11 module {module}: {exc}"
                 ) from None
         return lib
+
+
+def _mechanism_name(mechanism: Mechanism) -> str:
+    """The PKCS#11 name without CKM_ (python-pkcs11 writes single DES as
+    ``_DES_CBC``; the standard and our settings say ``DES_CBC``)."""
+    return mechanism.name.lstrip("_")
 
 
 def _way_of(key_type: object) -> DesWay | None:

@@ -445,3 +445,106 @@ def test_hundred_concurrent_handshakes_on_one_token(
     # Correctness bound, not a speed target (that is in the benchmark): a
     # shared span would make the last of 100 wait for all the others.
     assert max(waits) < 10
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def test_import_key_and_list_commands(
+    hsm: HsmSession,  # noqa: F811
+    tmp_path: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pathlib import Path
+
+    from iscl_hw import cli
+
+    t = hsm.token("cli")
+    monkeypatch.setenv("TEST_TOKEN_PIN", t.pin.decode())
+    key_file = Path(str(tmp_path)) / "enc3.hex"
+    key_file.write_text(ENC[3].hex() + "\n")
+    token_args = ["--label", t.label, "--pin-env", "TEST_TOKEN_PIN"]
+
+    assert (
+        cli.main(
+            [
+                "hsm",
+                "import-key",
+                *token_args,
+                "--kind",
+                "enc",
+                "--index",
+                "3",
+                "--key-file",
+                str(key_file),
+            ]
+        )
+        == 0
+    )
+    assert cli.main(["hsm", "list", *token_args]) == 0
+    out = capsys.readouterr().out
+    kcv = crypto.des_ecb_encrypt(ENC[3], bytes(8)).hex()[:6].upper()
+    assert f"stored iscl-enc-3 (check value {kcv})" in out
+    assert "iscl-enc-3-mac" in out
+    assert "DES3_CBC" in out
+    assert ENC[3].hex() not in out.lower()
+
+    # A second import of the same label is refused, and a bad key is named.
+    assert (
+        cli.main(
+            [
+                "hsm",
+                "import-key",
+                *token_args,
+                "--kind",
+                "enc",
+                "--index",
+                "3",
+                "--key-file",
+                str(key_file),
+            ]
+        )
+        == 2
+    )
+    key_file.write_text("0123")
+    assert (
+        cli.main(
+            [
+                "hsm",
+                "import-key",
+                *token_args,
+                "--kind",
+                "auth",
+                "--index",
+                "1",
+                "--key-file",
+                str(key_file),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "already holds iscl-enc-3" in err
+    assert "16 hex digits" in err
+
+    monkeypatch.setenv("TEST_TOKEN_PIN", "wrong-pin")
+    assert cli.main(["hsm", "list", *token_args]) == 2
+    err = capsys.readouterr().err
+    assert "PIN was refused" in err
+    assert "wrong-pin" not in err
+
+
+def test_native_des_way_is_named_when_it_cannot_run(
+    hsm: HsmSession,  # noqa: F811
+) -> None:
+    """With triple DES forbidden, single DES must run natively; SoftHSM2 runs
+    it only with OpenSSL's legacy provider, which this process does not
+    load, so the self-test fails and the error says so."""
+    t = hsm.token()
+    allowed = frozenset({"DES_ECB", "DES_CBC", "DES_ECB_ENCRYPT_DATA"})
+    with pytest.raises(MechanismUnavailable) as raised:
+        open_token(t, allowed_mechanisms=allowed)
+    message = str(raised.value)
+    assert "DES3 with K||K||K needs DES3_ECB, DES3_CBC" in message
+    assert "native DES: MechanismInvalid from the token" in message
