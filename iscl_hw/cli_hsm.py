@@ -133,8 +133,18 @@ def _new_pin(env: str | None, file: Path | None, name: str) -> bytes:
         first = cli_pcsc.pin_from_prompt(f"new {name}: ")()
         if cli_pcsc.pin_from_prompt(f"new {name} again: ")() != first:
             raise _UsageError(f"the two {name}s differ")
-        return first
-    return source()
+        return _utf8_pin(first, name)
+    return _utf8_pin(source(), name)
+
+
+def _utf8_pin(pin: bytes, name: str) -> bytes:
+    """PKCS#11 PINs are UTF-8 text; refuse others before a token is made
+    that iscl could not log in to."""
+    try:
+        pin.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _UsageError(f"the {name} must be UTF-8 text") from None
+    return pin
 
 
 def cmd_hsm_init(args: argparse.Namespace) -> int:
@@ -190,7 +200,10 @@ def _open_token(args: argparse.Namespace) -> Any:
 
 
 def _read_key(path: str) -> bytes:
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except UnicodeDecodeError:
+        raise _UsageError("the key must be 16 hex digits (8 bytes)") from None
     digits = "".join(text.split())
     if len(digits) != 16:
         raise _UsageError("the key must be 16 hex digits (8 bytes)")

@@ -172,6 +172,23 @@ def fix_parity(key: bytes) -> bytes:
     return check_key(key).translate(_ODD_PARITY)
 
 
+#: The 4 weak and 12 semi-weak DES keys (FIPS 74, 3.6), with odd parity.
+_WEAK_KEYS: Final = frozenset(
+    bytes.fromhex(k)
+    for k in (
+        "0101010101010101 FEFEFEFEFEFEFEFE E0E0E0E0F1F1F1F1 1F1F1F1F0E0E0E0E "
+        "011F011F010E010E 1F011F010E010E01 01E001E001F101F1 E001E001F101F101 "
+        "01FE01FE01FE01FE FE01FE01FE01FE01 1FE01FE00EF10EF1 E01FE01FF10EF10E "
+        "1FFE1FFE0EFE0EFE FE1FFE1FFE0EFE0E E0FEE0FEF1FEF1FE FEE0FEE0FEF1FEF1"
+    ).split()
+)
+
+
+def is_weak_key(key: bytes) -> bool:
+    """True for a DES weak or semi-weak key (parity bits ignored)."""
+    return fix_parity(check_key(key)) in _WEAK_KEYS
+
+
 def key_variant(key: bytes, mask: bytes) -> bytes:
     """Return ``key`` XOR ``mask``, byte by byte."""
     check_key(key)

@@ -231,6 +231,10 @@ def _derivation_param(data: bytes) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
 
 # -- configuration ------------------------------------------------------------
 
+#: More sessions than this gain nothing: calls into one module are
+#: serialised (see :func:`_load`).
+MAX_SESSIONS: Final = 64
+
 
 @dataclass(frozen=True)
 class TokenConfig:
@@ -251,8 +255,23 @@ class TokenConfig:
     def __post_init__(self) -> None:
         if (self.label is None) == (self.serial is None):
             raise ConfigError("give the token's label or its serial number, not both")
-        if self.sessions < 1:
-            raise ConfigError("a token needs at least one session")
+        if not isinstance(self.pin, bytes):
+            raise ConfigError("the token PIN must be bytes")
+        try:
+            self.pin.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("the token PIN must be UTF-8 text") from None
+        if not 1 <= self.sessions <= MAX_SESSIONS:
+            raise ConfigError(
+                f"sessions must be 1..{MAX_SESSIONS}, not {self.sessions}"
+            )
+        if self.allowed_mechanisms is not None:
+            if isinstance(self.allowed_mechanisms, str) or not all(
+                isinstance(m, str) for m in self.allowed_mechanisms
+            ):
+                raise ConfigError("allowed_mechanisms must be mechanism names")
+            names = frozenset(m.removeprefix("CKM_") for m in self.allowed_mechanisms)
+            object.__setattr__(self, "allowed_mechanisms", names)
         if self.session_wait <= 0:
             raise ConfigError("session_wait must be positive")
 
@@ -276,10 +295,23 @@ class _Session:
     def key(self, label: str) -> _Key:
         key = self.keys.get(label)
         if key is None:
-            found = self.session.get_key(ObjectClass.SECRET_KEY, label=label)
-            assert isinstance(found, pkcs11.SecretKey)
-            key = self.keys[label] = _session_copy(found)
+            key = self.keys[label] = _session_copy(self._find(label))
         return key
+
+    def _find(self, label: str) -> _Key:
+        """The token object ``label`` (session objects, such as our copies,
+        are not ISCL keys)."""
+        query = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.LABEL: label,
+            Attribute.TOKEN: True,
+        }
+        found = list(self.session.get_objects(query))
+        if not found:
+            raise p11.NoSuchKey(label)
+        if len(found) > 1:
+            raise ConfigError(f"the token holds {len(found)} objects labelled {label}")
+        return found[0]
 
 
 def _session_copy(key: _Key) -> _Key:
@@ -289,7 +321,7 @@ def _session_copy(key: _Key) -> _Key:
     copy (still sensitive, not extractable) halves the time of each one.
     """
     try:
-        copy = key.copy({Attribute.TOKEN: False})
+        copy = key.copy({Attribute.TOKEN: False, Attribute.LABEL: ""})
     except p11.PKCS11Error as exc:
         log.debug("token key %s not copied: %s", key.label, type(exc).__name__)
         return key
@@ -310,15 +342,20 @@ class Token:
     def __init__(self, config: TokenConfig) -> None:
         self.config = config
         self.name = config.label or config.serial or "token"
-        self._lib = _load(config.module)
+        self._lib, self._calls = _load(config.module)
         self._state = threading.Condition()
         self._sessions: list[_Session] = []
         self._generation = 0
         self._closed = False
         self._token: pkcs11.Token | None = None
-        self._open_pool()
-        self.way = self._choose_way()
-        self._check_keys()
+        with self._state:
+            self._open_pool()
+        try:
+            self.way = self._choose_way()
+            self._check_keys()
+        except BaseException:
+            self.close()
+            raise
 
     def __repr__(self) -> str:
         return f"<Token {self.name!r} {self.way.name if hasattr(self, 'way') else ''}>"
@@ -350,16 +387,20 @@ class Token:
             ) from None
 
     def _open_pool(self) -> None:
-        token = self._find_token()
-        first = self._login(token)
-        sessions = [first]
-        try:
-            while len(sessions) < self.config.sessions:
-                sessions.append(token.open(rw=True))
-        except p11.PKCS11Error:
-            for session in reversed(sessions):
-                _close_quietly(session)
-            raise
+        with self._calls:
+            token = self._find_token()
+            first = self._login(token)
+            sessions = [first]
+            try:
+                while len(sessions) < self.config.sessions:
+                    sessions.append(token.open(rw=True))
+            except p11.PKCS11Error as exc:
+                for session in reversed(sessions):
+                    _close_quietly(session)
+                raise TokenError(
+                    f"token {self.name!r}: opening {self.config.sessions} sessions "
+                    f"failed ({type(exc).__name__})"
+                ) from None
         self._token = token
         self._generation += 1
         self._sessions = [_Session(s, self._generation) for s in sessions]
@@ -388,8 +429,9 @@ class Token:
             self._generation += 1
             idle = [s for s in self._sessions if not s.busy]
             self._sessions = [s for s in self._sessions if s.busy]
-        for pooled in idle:
-            _close_quietly(pooled.session)
+        with self._calls:
+            for pooled in idle:
+                _close_quietly(pooled.session)
 
     @contextmanager
     def session(self, pinned: _Session | None = None) -> Iterator[_Session]:
@@ -432,7 +474,8 @@ class Token:
                 self._sessions.remove(pooled)
             self._state.notify_all()
         if stale:
-            _close_quietly(pooled.session)
+            with self._calls:
+                _close_quietly(pooled.session)
 
     def run(
         self,
@@ -444,7 +487,8 @@ class Token:
         typed errors naming the token and ``what``."""
         pooled = self._acquire(pinned)
         try:
-            return operation(pooled)
+            with self._calls:
+                return operation(pooled)
         except p11.NoSuchKey:
             raise ConfigError(
                 f"token {self.name!r}: no key object for {what}"
@@ -475,19 +519,19 @@ class Token:
                 return
             self._closed = True
             sessions, self._sessions = self._sessions, []
-        for pooled in reversed(sessions):
-            _close_quietly(pooled.session)
+        with self._calls:
+            for pooled in reversed(sessions):
+                _close_quietly(pooled.session)
 
     # -- mechanisms -----------------------------------------------------------
 
     def mechanisms(self) -> frozenset[str]:
         """Names of the mechanisms the token lists and the settings allow."""
-        assert self._token is not None
-        listed = {
-            _mechanism_name(m)
-            for m in self._token.slot.get_mechanisms()
-            if isinstance(m, Mechanism)
-        }
+        if self._closed or self._token is None:
+            raise TokenError(f"token {self.name!r} is closed")
+        with self._calls:
+            mechanisms = self._token.slot.get_mechanisms()
+        listed = {_mechanism_name(m) for m in mechanisms if isinstance(m, Mechanism)}
         allowed = self.config.allowed_mechanisms
         return frozenset(listed if allowed is None else listed & allowed)
 
@@ -559,7 +603,7 @@ class Token:
 
         def collect(pooled: _Session) -> list[KeyInfo]:
             found = []
-            query = {Attribute.CLASS: ObjectClass.SECRET_KEY}
+            query = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
             # The search must end before the KCV encryptions start.
             objects: list[_Key] = list(pooled.session.get_objects(query))
             for obj in objects:
@@ -589,6 +633,10 @@ class Token:
 
         Refuses a label already present: replacing a key is deliberate
         (delete the object first)."""
+        if crypto.is_weak_key(value):
+            raise ConfigError(
+                f"refusing a weak or semi-weak DES key for {key_label(kind, index)}"
+            )
         values = {key_label(kind, index): value}
         if kind is KeyKind.ENC:
             variant = crypto.key_variant(value, crypto.MAC_KEY_VARIANT_MASK)
@@ -854,22 +902,27 @@ class _TokenCardView(Card):
 
 # -- helpers ------------------------------------------------------------------
 
-_LIBS: dict[str, Any] = {}
+_LIBS: dict[str, tuple[Any, threading.RLock]] = {}
 _LIBS_LOCK = threading.Lock()
 
 
-def _load(module: str) -> Any:
-    """The loaded PKCS#11 module (python-pkcs11 allows one load per path)."""
+def _load(module: str) -> tuple[Any, threading.RLock]:
+    """The loaded PKCS#11 module and the lock every call into it takes.
+
+    python-pkcs11 loads a module once per path and initialises it without
+    CKF_OS_LOCKING_OK, so the module does no locking of its own: two
+    threads calling it at once crash SoftHSM2.  Calls are serialised here.
+    """
     with _LIBS_LOCK:
-        lib = _LIBS.get(module)
-        if lib is None:
+        loaded = _LIBS.get(module)
+        if loaded is None:
             try:
-                lib = _LIBS[module] = pkcs11.lib(module)
+                loaded = _LIBS[module] = (pkcs11.lib(module), threading.RLock())
             except (RuntimeError, OSError) as exc:
                 raise ConfigError(
                     f"cannot load PKCS#11 module {module}: {exc}"
                 ) from None
-        return lib
+        return loaded
 
 
 def _mechanism_name(mechanism: Mechanism) -> str:
@@ -897,6 +950,10 @@ def _key_template(
         Attribute.ENCRYPT: True,
         Attribute.DECRYPT: True,
         Attribute.DERIVE: True,
+        Attribute.SIGN: False,
+        Attribute.VERIFY: False,
+        Attribute.WRAP: False,
+        Attribute.UNWRAP: False,
     }
 
 

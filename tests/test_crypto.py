@@ -678,3 +678,18 @@ def test_constant_time_equal() -> None:
     assert crypto.constant_time_equal(b"abc", b"abc")
     assert not crypto.constant_time_equal(b"abc", b"abd")
     assert not crypto.constant_time_equal(b"abc", b"abcd")
+
+
+def test_weak_des_keys_fips74() -> None:
+    # FIPS 74 section 3.6: the four weak keys, two semi-weak pairs' members.
+    for weak in (
+        "0101010101010101",
+        "FEFEFEFEFEFEFEFE",
+        "1F1F1F1F0E0E0E0E",
+        "E0E0E0E0F1F1F1F1",
+        "01FE01FE01FE01FE",
+        "E0FEE0FEF1FEF1FE",
+    ):
+        assert crypto.is_weak_key(bytes.fromhex(weak))
+    assert crypto.is_weak_key(bytes(8))  # parity bits are ignored
+    assert not crypto.is_weak_key(bytes.fromhex("0123456789ABCDEF"))

@@ -548,3 +548,80 @@ def test_native_des_way_is_named_when_it_cannot_run(
     message = str(raised.value)
     assert "DES3 with K||K||K needs DES3_ECB, DES3_CBC" in message
     assert "native DES: MechanismInvalid from the token" in message
+
+
+# -- found by a new-user test -------------------------------------------------
+
+
+def test_every_session_finds_the_keys(hsm: HsmSession) -> None:  # noqa: F811
+    """A session's copy of a key is not found as the key by another session."""
+    token = provisioned(hsm.token(), {1: AUTH[1]}, {})
+    with token:
+        block = os.urandom(8)
+        expected = crypto.des_ecb_encrypt(AUTH[1], block)
+        with token.session():  # holds the first session
+            assert token.ecb("iscl-auth-1", block) == expected
+        assert token.ecb("iscl-auth-1", block) == expected
+        assert [k.label for k in token.list_keys()] == ["iscl-auth-1"]
+
+
+def test_threads_share_one_token(server_token: Token) -> None:
+    """Calls into one module are serialised: SoftHSM2, initialised by
+    python-pkcs11 without OS locking, crashes on concurrent calls."""
+    import threading
+
+    keys = TokenKeys(server_token)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(40):
+                random, data = os.urandom(8), os.urandom(32)
+                derived = keys.get(5).derive(random)
+                soft = SoftwareKey(ENC[5]).derive(random)
+                assert derived.cbc_encrypt(bytes(8), data) == soft.cbc_encrypt(
+                    bytes(8), data
+                )
+                derived.discard()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_failed_start_logs_out(hsm: HsmSession) -> None:  # noqa: F811
+    from pkcs11 import Attribute, ObjectClass
+
+    t = hsm.token()
+    provisioned(t, {1: AUTH[1]}, {}).close()
+    with pytest.raises(MechanismUnavailable):
+        open_token(t, allowed_mechanisms=frozenset())
+    public = t.token().open()
+    try:
+        query = {Attribute.CLASS: ObjectClass.SECRET_KEY}
+        assert list(public.get_objects(query)) == []
+    finally:
+        public.close()
+
+
+def test_weak_keys_are_refused(server_token: Token) -> None:
+    with pytest.raises(ConfigError, match="weak"):
+        server_token.import_key(KeyKind.AUTH, 1, bytes(8))
+
+
+def test_pin_must_be_utf8_and_stays_out_of_the_error() -> None:
+    pin = b"\xffsecret-4242"
+    with pytest.raises(ConfigError, match="UTF-8") as raised:
+        TokenConfig("/nonexistent.so", label="x", pin=pin)
+    assert "secret-4242" not in repr(raised.value) + str(raised.value)
+    with pytest.raises(ConfigError, match="sessions"):
+        TokenConfig("/nonexistent.so", label="x", pin=b"1", sessions=100_000)
+    config = TokenConfig(
+        "/nonexistent.so", label="x", pin=b"1", allowed_mechanisms=["CKM_DES3_CBC"]
+    )
+    assert config.allowed_mechanisms == frozenset({"DES3_CBC"})
