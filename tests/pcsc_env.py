@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -218,6 +219,8 @@ def pcsc_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscEnv]:
     """The session's PC/SC stack; skips with the reason when not installed."""
     reason = unavailable_reason()
     if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI provides pcscd and vpcd, but: {reason}")
         pytest.skip(reason)
     with _LOCK:
         env = _start(tmp_path_factory.mktemp("pcscd"))

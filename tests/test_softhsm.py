@@ -1,7 +1,7 @@
 """SoftHSM2 tokens: iscl_hw.softhsm, ``iscl hsm init`` and the test fixture.
 
-Needs softhsm2 and python-pkcs11; skips with the reason otherwise (except
-the tests of a missing module).  See tests/hsm_env.py for why one process
+Needs softhsm2 and python-pkcs11 (the README's test command installs both);
+outside CI the SoftHSM tests skip with the reason when softhsm2 is absent.  See tests/hsm_env.py for why one process
 has one SoftHSM directory.
 """
 
@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pkcs11
 import pytest
 from hsm_env import SO_PIN, USER_PIN, HsmSession, HsmToken, hsm, hsm_token
 
@@ -22,8 +23,6 @@ from iscl_hw import cli, softhsm
 from iscl_hw.errors import ConfigError
 
 __all__ = ["hsm", "hsm_token"]  # the fixtures, imported for pytest
-
-pkcs11 = pytest.importorskip("pkcs11")
 
 
 def _run(
