@@ -1,8 +1,8 @@
 """SoftHSM2 tokens: iscl_hw.softhsm, ``iscl hsm init`` and the test fixture.
 
 Needs softhsm2 and python-pkcs11 (the README's test command installs both);
-outside CI the SoftHSM tests skip with the reason when softhsm2 is absent.  See tests/hsm_env.py for why one process
-has one SoftHSM directory.
+outside CI the SoftHSM tests skip with the reason when softhsm2 is absent.
+See tests/hsm_env.py for why one process has one SoftHSM directory.
 """
 
 from __future__ import annotations
