@@ -3,13 +3,23 @@
 Each connection runs one reader task that feeds the protocol core, runs the
 card requests it asks for and routes its events; the caller's coroutines
 send and receive whole messages.  Both directions flow at once.
+
+A card whose calls block (``blocking_io`` true, such as a PC/SC reader's)
+is called from a worker thread of its own, one operation after the other,
+so a reader that stops answering stalls only the connections using that
+card; each operation is bounded by :attr:`Timeouts.card`.  A card that
+answers at once (the in-process software card) is called inline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import logging
+import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
@@ -19,6 +29,7 @@ from iscl_hw.core import Connection, Role
 from iscl_hw.endpoint import Endpoint, Timeouts
 from iscl_hw.errors import (
     CardBusy,
+    CardCommunicationError,
     CardError,
     ConnectionLost,
     IsclError,
@@ -27,6 +38,7 @@ from iscl_hw.errors import (
     PeerTimeout,
 )
 from iscl_hw.events import (
+    CardRequest,
     MessageReceived,
     ThroughModeReceived,
 )
@@ -39,6 +51,84 @@ log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
 _CLOSE_GRACE = 1.0
+# A card's worker thread ends after this long without work.
+_WORKER_IDLE = 5.0
+
+
+class _CardWorker:
+    """One daemon thread per blocking card: its operations run there in
+    order, never two at once and never on the event loop.  The thread ends
+    when idle and is started again on demand; being a daemon, one stuck in
+    a reader that never answers does not hold up the program's exit."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: collections.deque[
+            tuple[Callable[[], bytes], concurrent.futures.Future[bytes]]
+        ] = collections.deque()
+        self._ready = threading.Condition()
+        self._running = False
+
+    def submit(self, job: Callable[[], bytes]) -> concurrent.futures.Future[bytes]:
+        future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        with self._ready:
+            self._jobs.append((job, future))
+            if self._running:
+                self._ready.notify()
+            else:
+                self._running = True
+                threading.Thread(
+                    target=self._work, name=f"iscl-card {self._name}", daemon=True
+                ).start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                if not self._jobs:
+                    self._ready.wait(_WORKER_IDLE)
+                if not self._jobs:
+                    self._running = False
+                    return
+                job, future = self._jobs.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue  # its connection gave up while it queued
+            try:
+                result = job()
+            except BaseException as exc:  # handed to the awaiting coroutine
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+
+_WORKERS: weakref.WeakKeyDictionary[Card, _CardWorker] = weakref.WeakKeyDictionary()
+_WORKERS_LOCK = threading.Lock()
+
+
+def _worker_for(card: Card) -> _CardWorker:
+    with _WORKERS_LOCK:
+        worker = _WORKERS.get(card)
+        if worker is None:
+            worker = _WORKERS[card] = _CardWorker(card.name)
+        return worker
+
+
+def _blocks(card: Card) -> bool:
+    """True for a card whose calls wait on I/O (``blocking_io``)."""
+    return bool(getattr(card, "blocking_io", False))
+
+
+def _card_timeout(card: Card, operation: str, seconds: float) -> CardError:
+    """The card's own error for an operation past its time (a PC/SC card
+    names its reader), else a generic one."""
+    make = getattr(card, "timeout_error", None)
+    if callable(make):
+        error = make(operation, seconds)
+        if isinstance(error, CardError):
+            return error
+    return CardCommunicationError(
+        f"card {card.name}: no answer to {operation} within {seconds:g} s"
+    )
 
 
 class AsyncChannel:
@@ -62,6 +152,7 @@ class AsyncChannel:
             Connection(role, settings, keys), CardArbiter.for_card(card), timeouts
         )
         self._max_queued = max_queued_messages
+        self._card_blocks = _blocks(self._endpoint.arbiter.card)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._finished = False
@@ -224,16 +315,41 @@ class AsyncChannel:
 
     async def _process_events(self) -> None:
         endpoint = self._endpoint
-        while (request := endpoint.advance()) is not None:
-            try:
-                await endpoint.arbiter.acquire_async(endpoint)
-            except CardBusy as exc:
-                endpoint.card_failed(exc)
-            else:
+        inline = not self._card_blocks
+        while (request := endpoint.advance(inline_card=inline)) is not None:
+            if endpoint.needs_span(request):
+                try:
+                    await endpoint.arbiter.acquire_async(endpoint)
+                except CardBusy as exc:
+                    endpoint.card_failed(exc)
+                    continue
+            if inline:
                 endpoint.run_card(request)
+            else:
+                await self._run_card_off_loop(request)
         await self._flush()
         async with self._changed:
             self._changed.notify_all()
+
+    async def _run_card_off_loop(self, request: CardRequest) -> None:
+        """Run a blocking card's operation on its worker thread, within
+        :attr:`Timeouts.card`; the core hears the outcome on the loop."""
+        endpoint = self._endpoint
+        arbiter = endpoint.arbiter
+        limit = endpoint.timeouts.card
+        job = _worker_for(arbiter.card).submit(lambda: arbiter.run(endpoint, request))
+        try:
+            answer = await asyncio.wait_for(asyncio.wrap_future(job), limit)
+        except TimeoutError:
+            assert limit is not None
+            # The core logs the failure and tells the peer.
+            endpoint.card_failed(
+                _card_timeout(arbiter.card, request.operation.value, limit)
+            )
+        except IsclError as exc:
+            endpoint.card_failed(exc)
+        else:
+            endpoint.card_answered(answer)
 
     async def _backpressure(self) -> None:
         # A consumer that does not read makes us stop reading the socket, so

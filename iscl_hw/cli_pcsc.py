@@ -8,6 +8,12 @@ CHALLENGE and which key references answer INTERNAL AUTHENTICATE.  Probing
 never sends EXTERNAL AUTHENTICATE and never VERIFYs a PIN it was not given,
 so no retry counter moves.  A PIN comes from an environment variable, a
 file or a prompt, never from the command line, and is never logged.
+
+Both run their PC/SC calls on a worker thread and give up, with an error
+naming the reader and the command, when one gets no answer within
+``--timeout``: a reader whose card (or the program serving a virtual card)
+stopped would otherwise hold them until pcscd gives up.  ``probe`` prints
+what it found before such an error, or before a card pulled out midway.
 """
 
 from __future__ import annotations
@@ -15,27 +21,33 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import math
 import os
 import secrets
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final, TextIO, TypeVar
 
 from iscl_hw import apdu
-from iscl_hw.apdu import ResponseApdu
+from iscl_hw.apdu import ResponseApdu, format_apdu_for_trace
 from iscl_hw.card import ISCL_AID
 from iscl_hw.constants import CHALLENGE_LENGTH, KEY_INDEXES
 from iscl_hw.errors import IsclError
 from iscl_hw.pcsc import (
     PcscContext,
+    PcscTimeout,
     PinSource,
     ReaderInfo,
     ReaderLink,
     ReaderSelector,
+    format_duration,
     list_readers,
     open_reader,
 )
-from iscl_hw.transport import ApduLink
+from iscl_hw.transport import ApduLink, RawTransport
 
 __all__ = [
     "cmd_card_list",
@@ -50,6 +62,11 @@ EXIT_OK: Final = 0
 EXIT_ERROR: Final = 2
 _TRACE_LOGGERS: Final = ("iscl_hw.transport", "iscl_hw.card", "iscl_hw.pcsc")
 _TRACE_HANDLER: Final = "iscl-card-trace"
+#: Default for --timeout: how long one PC/SC call may go unanswered.
+ANSWER_TIMEOUT: Final = 10.0
+_WATCH_POLL: Final = 0.05
+
+T = TypeVar("T")
 
 
 class _UsageError(IsclError):
@@ -119,6 +136,7 @@ def register(
     listing = card_commands.add_parser(
         "list", help="PC/SC readers and their cards (ATR, protocol)"
     )
+    _add_timeout(listing)
     _add_trace(listing)
     listing.set_defaults(func=cmd_card_list)
     probe = card_commands.add_parser(
@@ -132,6 +150,7 @@ def register(
     pin.add_argument("--pin-file", type=Path, metavar="PATH", help="read the PIN")
     pin.add_argument("--pin-prompt", action="store_true", help="ask for the PIN")
     probe.add_argument("--aid", default=ISCL_AID.hex().upper(), help="AID (hex)")
+    _add_timeout(probe)
     _add_trace(probe)
     probe.set_defaults(func=cmd_card_probe)
 
@@ -162,6 +181,17 @@ def protocol_override(args: argparse.Namespace) -> int | None:
     return None if args.protocol is None else int(args.protocol[1])
 
 
+def _add_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=ANSWER_TIMEOUT,
+        metavar="S",
+        help="give up when the reader leaves a command unanswered for S seconds "
+        f"({ANSWER_TIMEOUT:g})",
+    )
+
+
 def _add_trace(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace",
@@ -171,7 +201,8 @@ def _add_trace(parser: argparse.ArgumentParser) -> None:
 
 
 def enable_trace(out: TextIO | None = None) -> None:
-    """Send the APDU trace loggers' DEBUG records to ``out`` (standard error)."""
+    """Send the APDU trace loggers' records to ``out`` (standard error), and
+    only there: they no longer reach the root logger's handler too."""
     handler = logging.StreamHandler(out or sys.stderr)
     handler.setFormatter(logging.Formatter("  trace %(message)s"))
     handler.set_name(_TRACE_HANDLER)
@@ -181,11 +212,81 @@ def enable_trace(out: TextIO | None = None) -> None:
             logger.removeHandler(old)
         logger.setLevel(logging.DEBUG)
         logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _fail(command: str, message: str) -> int:
     print(f"iscl card {command}: error: {message}", file=sys.stderr)
     return EXIT_ERROR
+
+
+# ---------------------------------------------------------- bounded waits
+
+
+class _Watch:
+    """What the PC/SC thread waits for now, and until when."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._what = "starting"
+        self._limit = math.inf
+        self._until = math.inf
+
+    def expect(self, what: str, seconds: float) -> None:
+        """The thread now waits for ``what``, for at most ``seconds``."""
+        with self._lock:
+            self._what, self._limit = what, seconds
+            self._until = time.monotonic() + seconds
+
+    def overdue(self) -> PcscTimeout | None:
+        """The error to give up with, once the current wait ran out."""
+        with self._lock:
+            if time.monotonic() < self._until:
+                return None
+            return PcscTimeout(
+                f"{self._what}: no answer within {format_duration(self._limit)}; "
+                "is the reader, or the program serving its card, stopped?"
+            )
+
+
+def _watched(work: Callable[[_Watch], T]) -> T:
+    """``work(watch)`` on a daemon thread, given up on (PcscTimeout) once
+    its current wait runs out.  A call stuck in pcscd is left behind: the
+    thread cannot be stopped, but it no longer holds the command up."""
+    watch = _Watch()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work(watch))
+        except BaseException as exc:  # re-raised in the calling thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="iscl-card-pcsc", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(_WATCH_POLL)
+        late = watch.overdue() if thread.is_alive() else None
+        if late is not None:
+            raise late
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+class _WatchedReader:
+    """A reader whose every command is watched for an answer."""
+
+    def __init__(self, link: ReaderLink, watch: _Watch, seconds: float) -> None:
+        self._link = link
+        self._watch = watch
+        self._seconds = seconds
+
+    def transmit(self, command: bytes) -> bytes:
+        what = f"reader {self._link.reader!r}: {format_apdu_for_trace(command)}"
+        self._watch.expect(what, self._seconds)
+        return self._link.transmit(command)
 
 
 # ----------------------------------------------------------------- list
@@ -209,18 +310,33 @@ def _format_reader(index: int, info: ReaderInfo) -> list[str]:
 
 
 def cmd_card_list(args: argparse.Namespace) -> int:
-    """Handle ``iscl card list``."""
+    """Handle ``iscl card list``; the readers listed before a failure are
+    shown before its error."""
     if args.trace:
         enable_trace()
+    readers: list[ReaderInfo] = []
+
+    def work(watch: _Watch) -> None:
+        watch.expect("pcscd: listing readers", args.timeout)
+        for info in list_readers(
+            on_reader=lambda name: watch.expect(f"reader {name!r}", args.timeout)
+        ):
+            readers.append(info)
+
     try:
-        readers = list(list_readers())
+        _watched(work)
     except IsclError as exc:
+        _print_readers(list(readers))
         return _fail("list", str(exc))
     if not readers:
         print("no PC/SC readers")
+    _print_readers(readers)
+    return EXIT_OK
+
+
+def _print_readers(readers: list[ReaderInfo]) -> None:
     for index, info in enumerate(readers):
         print("\n".join(_format_reader(index, info)))
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------- probe
@@ -230,8 +346,7 @@ def _status(resp: ResponseApdu) -> str:
     return f"SW {resp.sw:04X} ({apdu.sw_meaning(resp.sw1, resp.sw2)})"
 
 
-def _probe_keys(link: ApduLink) -> list[str]:
-    lines = []
+def _probe_keys(link: ApduLink, lines: list[str]) -> None:
     for key_ref in KEY_INDEXES:
         challenge = secrets.token_bytes(CHALLENGE_LENGTH)
         command = apdu.gen_internal_authenticate_apdu(key_ref, challenge)
@@ -240,7 +355,6 @@ def _probe_keys(link: ApduLink) -> list[str]:
             lines.append(f"  key {key_ref}: answers INTERNAL AUTHENTICATE")
         else:
             lines.append(f"  key {key_ref}: {_status(resp)}")
-    return lines
 
 
 def _pin_state(link: ApduLink, pin: PinSource | None) -> str:
@@ -256,20 +370,32 @@ def _pin_state(link: ApduLink, pin: PinSource | None) -> str:
     return f"PIN: {_status(resp)}"
 
 
-def probe(reader: ReaderLink, aid: bytes, pin: PinSource | None) -> list[str]:
+def probe(
+    reader: ReaderLink,
+    aid: bytes,
+    pin: PinSource | None,
+    lines: list[str] | None = None,
+    *,
+    transport: RawTransport | None = None,
+) -> list[str]:
     """The probe report of the card behind ``reader``; sends no EXTERNAL
-    AUTHENTICATE and no VERIFY with data unless a PIN is given."""
+    AUTHENTICATE and no VERIFY with data unless a PIN is given.  Lines are
+    appended to ``lines`` as they are found, so a caller still has them
+    when a later command fails; commands go through ``transport`` if given
+    (``reader`` itself otherwise)."""
+    lines = [] if lines is None else lines
     info = reader.atr_info
     extended = info.extended_length if info is not None else False
-    link = ApduLink(reader, name=reader.reader, extended_length=extended)
-    lines = [
-        f"reader {reader.reader}",
+    link = ApduLink(transport or reader, name=reader.reader, extended_length=extended)
+    lines.append(f"reader {reader.reader}")
+    lines.append(
         f"  ATR {reader.atr.hex(' ').upper()}, T={reader.protocol_number}, "
-        f"extended length {'announced' if extended else 'not announced'}",
-    ]
+        f"extended length {'announced' if extended else 'not announced'}"
+    )
     resp = link.exchange(apdu.gen_select_aid_apdu(aid), "SELECT")
     if resp.sw != apdu.SW_OK:
-        return [*lines, f"  SELECT {aid.hex().upper()}: {_status(resp)}"]
+        lines.append(f"  SELECT {aid.hex().upper()}: {_status(resp)}")
+        return lines
     lines.append(f"  SELECT {aid.hex().upper()}: ok")
     lines.append(f"  {_pin_state(link, pin)}")
     resp = link.exchange(apdu.gen_get_challenge_apdu(CHALLENGE_LENGTH))
@@ -277,29 +403,55 @@ def probe(reader: ReaderLink, aid: bytes, pin: PinSource | None) -> list[str]:
         lines.append(f"  GET CHALLENGE: {len(resp.data)} bytes")
     else:
         lines.append(f"  GET CHALLENGE: {_status(resp)}")
-    return lines + _probe_keys(link)
+    _probe_keys(link, lines)
+    return lines
+
+
+def _read_pin_first(source: PinSource | None) -> PinSource | None:
+    """Ask for the PIN here, before the PC/SC thread starts: a prompt must
+    not run against the thread's answer timeout."""
+    if source is None:
+        return None
+    pin = source()
+    return lambda: pin
 
 
 def cmd_card_probe(args: argparse.Namespace) -> int:
-    """Handle ``iscl card probe``."""
+    """Handle ``iscl card probe``; what was found before a failure (a card
+    pulled out, a reader that stopped answering) is printed before its
+    error."""
     if args.trace:
         enable_trace()
+    report: list[str] = []
     try:
         aid = bytes.fromhex(args.aid)
-        with PcscContext() as context:
-            reader = open_reader(
-                context,
-                reader_selector(args),
-                protocol=protocol_override(args),
-                card_timeout=args.wait,
-            )
-            try:
-                report = probe(reader, aid, _pin_source(args))
-            finally:
-                reader.close()
     except ValueError as exc:
         return _fail("probe", f"bad AID: {exc}")
+    try:
+        selector = reader_selector(args)
+        pin = _read_pin_first(_pin_source(args))
+
+        def work(watch: _Watch) -> None:
+            watch.expect(f"waiting for a card in {selector}", args.wait + args.timeout)
+            with PcscContext() as context:
+                reader = open_reader(
+                    context,
+                    selector,
+                    protocol=protocol_override(args),
+                    card_timeout=args.wait,
+                )
+                try:
+                    transport = _WatchedReader(reader, watch, args.timeout)
+                    probe(reader, aid, pin, report, transport=transport)
+                finally:
+                    closing = f"reader {reader.reader!r}: disconnecting"
+                    watch.expect(closing, args.timeout)
+                    reader.close()
+
+        _watched(work)
     except IsclError as exc:
+        if report:
+            print("\n".join(report))
         return _fail("probe", str(exc))
     print("\n".join(report))
     return EXIT_OK

@@ -4,8 +4,11 @@
 (applying its profile, see :mod:`softcard.profiles`), connects to the vpcd
 reader slot and answers pcscd until SIGTERM or SIGINT.  When vpcd drops the
 connection (pcscd restarted) the card connects again, unless
-``--no-reconnect`` is given.  The card file path is the only input; keys
-stay in the file and the card checks PINs itself, so none is asked for.
+``--no-reconnect`` is given.  vpcd takes one card per slot: a slot that
+already has one (another ``iscl card serve``) is an error within a few
+seconds (``softcard.vpcd.ACCEPT_WAIT``), not an endless wait.  The card file path is the
+only input; keys stay in the file and the card checks PINs itself, so none
+is asked for.
 
 Exit codes: 0 after a signal or (with ``--no-reconnect``) after vpcd closed
 the connection, 2 with a message on standard error on failure.
@@ -22,9 +25,20 @@ from typing import Final
 
 from iscl_hw.errors import IsclError
 from softcard.profiles import open_card
-from softcard.vpcd import DEFAULT_HOST, DEFAULT_PORT, VpcdCardBridge
+from softcard.vpcd import (
+    ACCEPT_WAIT,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    VpcdCardBridge,
+    VpcdSlotTaken,
+)
 
-__all__ = ["add_serve_command", "cmd_card_serve", "main", "parse_host_port"]
+__all__ = [
+    "add_serve_command",
+    "cmd_card_serve",
+    "main",
+    "parse_host_port",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -88,7 +102,9 @@ def cmd_card_serve(args: argparse.Namespace) -> int:
     except IsclError as exc:
         return _fail(str(exc))
     host, port = args.vpcd
-    bridge = VpcdCardBridge(card, host, port, reconnect=not args.no_reconnect)
+    bridge = VpcdCardBridge(
+        card, host, port, reconnect=not args.no_reconnect, accept_timeout=ACCEPT_WAIT
+    )
     print(
         f"serving {args.card_file} (profile {card.profile}, "
         f"ATR {card.ATR.hex(' ').upper()}) to vpcd at {host}:{port}",
@@ -96,6 +112,8 @@ def cmd_card_serve(args: argparse.Namespace) -> int:
     )
     try:
         bridge.run_forever()
+    except VpcdSlotTaken as exc:
+        return _fail(exc.strerror or str(exc))
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         return _fail(f"cannot connect to vpcd at {host}:{port}: {reason}")

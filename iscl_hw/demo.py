@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from iscl_hw import aio
 from iscl_hw.card import ApduCard, Card
@@ -29,6 +29,9 @@ from iscl_hw.keyfile import load_key_file, write_key_file
 from iscl_hw.settings import Settings
 from softcard.cardfile import create_card_file
 from softcard.emulator import SoftCard
+
+if TYPE_CHECKING:
+    from iscl_hw.pcsc import VpcdSlot
 
 __all__ = ["default_dicom_file", "run_demo"]
 
@@ -123,10 +126,12 @@ def _softcards(server: _Peer, client: _Peer, out: TextIO) -> Iterator[list[Card]
 @contextlib.contextmanager
 def _pcsc_cards(server: _Peer, client: _Peer, out: TextIO) -> Iterator[list[Card]]:
     """Both cards served through the two vpcd readers of one pcscd; a pcscd
-    is started as a child (and stopped at the end) when none runs."""
+    is started as a child (and stopped at the end) when none runs.  vpcd
+    readers that already have a card (another ``iscl card serve``) are not
+    used: with fewer than two free the demo stops and says which."""
     from iscl_hw import pcsc
     from softcard.profiles import open_card
-    from softcard.vpcd import VpcdCardBridge
+    from softcard.vpcd import ACCEPT_WAIT, VpcdCardBridge
 
     if not pcsc.vpcd_installed():
         raise ConfigError(
@@ -137,19 +142,46 @@ def _pcsc_cards(server: _Peer, client: _Peer, out: TextIO) -> Iterator[list[Card
         if not pcsc.pcscd_running():
             child = stack.enter_context(pcsc.PcscdChild())
             print(f"  started pcscd (PID {child.pid}); stopped at the end", file=out)
+        slots = _free_vpcd_slots(pcsc.vpcd_slots())
         print("\n[1] both cards into the vpcd readers (SELECT by AID)", file=out)
         cards: list[Card] = []
-        for peer, reader, port in zip(
-            (server, client), pcsc.VPCD_READERS, pcsc.VPCD_PORTS, strict=True
-        ):
-            bridge = VpcdCardBridge(open_card(peer.card_path), "127.0.0.1", port)
+        for peer, slot in zip((server, client), slots, strict=True):
+            bridge = VpcdCardBridge(
+                open_card(peer.card_path),
+                "127.0.0.1",
+                slot.port,
+                accept_timeout=ACCEPT_WAIT,
+            )
             bridge.start()
             stack.callback(bridge.stop)
-            card = pcsc.PcscCard(reader, name=f"{peer.name} card")
+            # Only once vpcd took our card is the card in that reader ours.
+            if not bridge.wait_accepted(ACCEPT_WAIT + 1):
+                reason = bridge.failure or "it did not take the card"
+                raise ConfigError(f"vpcd reader {slot.reader!r}: {reason}")
+            card = pcsc.PcscCard(slot.reader, name=f"{peer.name} card")
             stack.callback(card.close)
-            print(f"  {peer.name} card in {reader!r}, T={card.protocol}", file=out)
+            print(f"  {peer.name} card in {slot.reader!r}, T={card.protocol}", file=out)
             cards.append(card)
         yield cards
+
+
+def _free_vpcd_slots(slots: list[VpcdSlot]) -> list[VpcdSlot]:
+    """The two vpcd slots the demo may use, or a ConfigError saying why not."""
+    free = [slot for slot in slots if not slot.has_card]
+    if len(free) >= 2:
+        return free[:2]
+    taken = [slot for slot in slots if slot.has_card]
+    if taken:
+        names = ", ".join(f"{s.reader!r} (port {s.port})" for s in taken)
+        raise ConfigError(
+            f"the pcsc demo needs two free vpcd readers, but {names} already "
+            f"{'has' if len(taken) == 1 else 'have'} a card (another 'iscl card "
+            "serve'?); stop it, or run the demo with --backend softcard"
+        )
+    raise ConfigError(
+        "the running pcscd lacks the vpcd readers; restart it after installing "
+        "vsmartcard-vpcd (systemctl restart pcscd)"
+    )
 
 
 async def _run(

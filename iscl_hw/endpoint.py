@@ -55,6 +55,10 @@ class Timeouts:
     disconnection: float = 10.0
     #: Nothing in flight in either direction.
     idle: float | None = None
+    #: One operation of a card whose calls block (a PC/SC reader), which the
+    #: asyncio driver runs off its loop: past this the connection fails
+    #: with a CardError and the other connections carry on.
+    card: float | None = 5.0
 
 
 class Endpoint:
@@ -114,18 +118,21 @@ class Endpoint:
 
     # -- card -------------------------------------------------------------------
 
-    def advance(self) -> CardRequest | None:
+    def advance(self, *, inline_card: bool = True) -> CardRequest | None:
         """Handle the core's events until it needs data, or until a card
         request needs the card span, which the driver then acquires (in its
         own way: a thread waits, a coroutine awaits) before :meth:`run_card`.
-        Raises what the core raises."""
+        With ``inline_card`` False every card request is returned, for the
+        driver to run where it wants (:meth:`card_answered` /
+        :meth:`card_failed` then take the result).  Raises what the core
+        raises."""
         while True:
             event = self.conn.next_event()
             if isinstance(event, Sentinel):
                 return None
             if not isinstance(event, CardRequest):
                 self.route(event)
-            elif self.needs_span(event):
+            elif not inline_card or self.needs_span(event):
                 return event
             else:
                 self.run_card(event)
@@ -143,7 +150,11 @@ class Endpoint:
         except IsclError as exc:
             self.card_failed(exc)
         else:
-            self.conn.card_answer(answer)
+            self.card_answered(answer)
+
+    def card_answered(self, answer: bytes) -> None:
+        """Give the core the card's answer to its pending request."""
+        self.conn.card_answer(answer)
         self.release_span_if_done()
 
     def card_failed(self, error: IsclError) -> None:

@@ -19,23 +19,33 @@ layer, :class:`~iscl_hw.transport.ApduLink`, through
 * :class:`PcscdChild`, a private ``pcscd --foreground`` for tests and the
   demo, stopped by its PID.
 
+A PC/SC call blocks until the reader answers, and a reader whose card (or
+the program serving a virtual card) stopped answering holds it until pcscd
+gives up, a minute or more.  :class:`PcscCard` therefore says so
+(``blocking_io``): the asyncio driver runs its operations on a worker
+thread, one at a time, with a time limit (:meth:`PcscCard.timeout_error`
+is the error it then raises), and :meth:`PcscCard.end_span` and
+:meth:`PcscCard.close` never wait behind a hung call: they run after it.
+
 pyscard is the optional ``pcsc`` extra; without it the calls raise
 :class:`PcscUnavailable`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from iscl_hw.card import ISCL_AID, ApduCard, Card
 from iscl_hw.errors import CardCommunicationError, CardRemoved, ConfigError
@@ -51,6 +61,7 @@ __all__ = [
     "PcscContext",
     "PcscError",
     "PcscServiceLost",
+    "PcscTimeout",
     "PcscUnavailable",
     "PcscdChild",
     "PinSource",
@@ -58,10 +69,13 @@ __all__ = [
     "ReaderInfo",
     "ReaderLink",
     "ReaderSelector",
+    "VpcdSlot",
+    "format_duration",
     "list_readers",
     "open_reader",
     "pcscd_binary",
     "vpcd_installed",
+    "vpcd_slots",
 ]
 
 _log = logging.getLogger(__name__)
@@ -156,6 +170,11 @@ class PcscCardRemoved(CardRemoved, PcscError):
     """The card left the reader (or was reset); its security state is gone."""
 
 
+class PcscTimeout(PcscError):
+    """A reader did not answer within the time allowed: its card, or the
+    program serving a virtual card, stopped answering."""
+
+
 def _scard() -> ModuleType:
     try:
         from smartcard import scard
@@ -177,6 +196,18 @@ def _message(hresult: int) -> str:
     except Exception:  # pyscard knows no text for it
         text = "PC/SC error"
     return f"{text} (0x{_code(hresult):08X})"
+
+
+def format_duration(seconds: float) -> str:
+    """``0.3`` as ``300 ms``, ``2.0`` as ``2 s``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:g} s"
+
+
+def _waited(seconds: float) -> str:
+    """`` for 300 ms``; nothing for no wait at all."""
+    return f" for {format_duration(seconds)}" if seconds > 0 else ""
 
 
 def _error(what: str, hresult: int, reader: str | None) -> PcscError:
@@ -392,8 +423,10 @@ class ReaderLink:
         return True
 
     def _transmit_error(self, hresult: int) -> PcscError:
+        # pcscd may fail the command before its reader state shows the
+        # card gone: give it the time the empty-answer path gives it.
         code = _code(hresult)
-        if code in _MAYBE_GONE and not self.card_present():
+        if code in _MAYBE_GONE and self._gone_within(_GONE_WAIT):
             return _error("transmit", _W_REMOVED_CARD, self.reader)
         return _error("transmit", hresult, self.reader)
 
@@ -417,7 +450,9 @@ class ReaderLink:
         scard = _scard()
         hresult = scard.SCardEndTransaction(self._handle, scard.SCARD_LEAVE_CARD)
         if _code(hresult) != _S_SUCCESS:
-            _log.info("reader %r: ending the transaction: %s", self.reader, hresult)
+            _log.info(
+                "reader %r: ending the transaction: %s", self.reader, _message(hresult)
+            )
 
     def close(self) -> None:
         """End any transaction and disconnect, leaving the card powered."""
@@ -486,11 +521,14 @@ def open_reader(
 ) -> ReaderLink:
     """Connect (shared) to the card in the first matching reader that has
     one and is free; wait up to ``card_timeout`` for a card and, once every
-    reader with a card is held by another process, up to ``busy_wait``."""
+    reader with a card is held by another process, up to ``busy_wait``.
+    No matching reader at all fails at once (:class:`NoReader`)."""
     started = time.monotonic()
     busy_since: float | None = None
     while True:
         attempt = _try_readers(context, selector, protocol)
+        if not attempt.readers:
+            raise _nothing_found(selector, attempt, 0)
         if attempt.link is not None:
             _log.info(
                 "reader %r: card connected, T=%d, ATR %s",
@@ -505,7 +543,7 @@ def open_reader(
             if now - busy_since >= busy_wait:
                 raise ReaderBusy(
                     f"{', '.join(map(repr, attempt.busy))} held by another "
-                    f"process for {busy_wait:g} s (sharing violation)",
+                    f"process{_waited(busy_wait)} (sharing violation)",
                     attempt.busy[0],
                     _E_SHARING_VIOLATION,
                 )
@@ -522,9 +560,8 @@ def _nothing_found(
     if not attempt.readers:
         return NoReader(f"no PC/SC reader: no {selector} among pcscd's readers")
     names = ", ".join(map(repr, attempt.readers))
-    return NoCard(
-        f"no card in {names} after {waited:g} s", attempt.readers[0], _E_NO_SMARTCARD
-    )
+    after = f" after {format_duration(waited)}" if waited > 0 else ""
+    return NoCard(f"no card in {names}{after}", attempt.readers[0], _E_NO_SMARTCARD)
 
 
 # ------------------------------------------------------------------ the card
@@ -542,7 +579,15 @@ class PcscCard(Card):
     ends); the next span waits up to ``reconnect_wait`` for a card and opens
     it again.  When pcscd went away, the context is re-established once,
     unless a challenge of the current span was already issued.
+
+    Its calls block (``blocking_io``), and one card's calls never overlap:
+    an operation holds the card until it returns.  :meth:`end_span` and
+    :meth:`close` do not wait for one that hangs (a reader no longer
+    answering): they run when it returns, before the next operation.
     """
+
+    #: Operations wait for the reader; drivers run them off their event loop.
+    blocking_io: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -575,6 +620,11 @@ class PcscCard(Card):
         self._card: ApduCard | None = None
         self._closed = False
         self._challenge_out = False
+        # One operation at a time; what end_span/close could not run at
+        # once (an operation held the card) runs when it lets go.
+        self._io = threading.Lock()
+        self._deferred_lock = threading.Lock()
+        self._deferred: list[Callable[[], None]] = []
         self.name = name or str(self.selector)
         self._open(card_timeout)
         if name is None and self._link is not None:
@@ -642,7 +692,67 @@ class PcscCard(Card):
             return self._open(self._reconnect_wait)
         return self._card
 
+    # -- one operation at a time --------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the card for one operation (waiting for the one before)."""
+        self._io.acquire()
+        try:
+            yield
+        finally:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Run what was deferred while the card was held, then release it."""
+        while True:
+            with self._deferred_lock:
+                if not self._deferred:
+                    self._io.release()
+                    return
+                action = self._deferred.pop(0)
+            self._quietly(action)
+
+    def _now_or_later(self, action: Callable[[], None]) -> None:
+        """Run ``action`` now if no operation holds the card, else when it
+        lets go; never waits."""
+        with self._deferred_lock:
+            if not self._io.acquire(blocking=False):
+                self._deferred.append(action)
+                _log.debug("card %r: busy; %s deferred", self.name, action.__name__)
+                return
+        try:
+            self._quietly(action)
+        finally:
+            self._let_go()
+
+    def _quietly(self, action: Callable[[], None]) -> None:
+        # A deferred step runs at the end of another operation: its failure
+        # must not replace that operation's outcome.
+        try:
+            action()
+        except PcscError as exc:
+            _log.info("card %r: %s: %s", self.name, action.__name__, exc)
+        except Exception:
+            _log.exception("card %r: %s failed", self.name, action.__name__)
+
+    def timeout_error(self, operation: str, seconds: float) -> PcscTimeout:
+        """The error for an operation that took longer than ``seconds``."""
+        where = self.reader or self.name
+        return PcscTimeout(
+            f"reader {where!r}: no answer to {operation} within "
+            f"{format_duration(seconds)}; is the reader, or the program serving "
+            "its card, stopped?",
+            self.reader,
+        )
+
+    # -- operations ------------------------------------------------------------
+
     def _run(self, operation: Callable[[ApduCard], T]) -> T:
+        with self._exclusive():
+            return self._run_held(operation)
+
+    def _run_held(self, operation: Callable[[ApduCard], T]) -> T:
         card = self._session()
         try:
             return operation(card)
@@ -668,15 +778,16 @@ class PcscCard(Card):
         """Hold a PC/SC transaction until :meth:`end_span`.  No card state
         matters yet, so a card changed or a pcscd restarted since the last
         span is opened again (once) first."""
-        self._challenge_out = False
-        try:
-            self._begin_transaction()
-        except (PcscServiceLost, PcscCardRemoved) as exc:
-            _log.info("card %r: opening it again: %s", self.name, exc)
-            self._drop()
-            if isinstance(exc, PcscServiceLost):
-                self._context.reestablish()
-            self._begin_transaction()
+        with self._exclusive():
+            self._challenge_out = False
+            try:
+                self._begin_transaction()
+            except (PcscServiceLost, PcscCardRemoved) as exc:
+                _log.info("card %r: opening it again: %s", self.name, exc)
+                self._drop()
+                if isinstance(exc, PcscServiceLost):
+                    self._context.reestablish()
+                self._begin_transaction()
 
     def _begin_transaction(self) -> None:
         self._session()
@@ -685,8 +796,13 @@ class PcscCard(Card):
         self._in_span = True
 
     def end_span(self) -> None:
+        """End the span's transaction; never waits for a hung operation (the
+        transaction then ends when that returns)."""
         self._challenge_out = False
         self._in_span = False
+        self._now_or_later(self._end_transaction)
+
+    def _end_transaction(self) -> None:
         if self._link is not None:
             self._link.end_transaction()
 
@@ -703,19 +819,26 @@ class PcscCard(Card):
 
     def transmit(self, command: bytes) -> bytes:
         """A raw APDU to the card of the current session (for probes)."""
-        self._session()
-        assert self._link is not None
-        return self._link.transmit(command)
+        with self._exclusive():
+            self._session()
+            assert self._link is not None
+            return self._link.transmit(command)
 
     @property
     def apdu_card(self) -> ApduCard:
         """The APDU layer of the current session (opens one if needed)."""
-        return self._session()
+        with self._exclusive():
+            return self._session()
 
     def close(self) -> None:
+        """Disconnect; a hung operation is not waited for (the card is
+        disconnected when it returns)."""
         if self._closed:
             return
         self._closed = True
+        self._now_or_later(self._close_now)
+
+    def _close_now(self) -> None:
         self._drop()
         if self._owns_context:
             self._context.release()
@@ -755,19 +878,55 @@ def _describe(context: PcscContext, name: str, state: int, atr: bytes) -> Reader
     return ReaderInfo(name, True, atr, offered, link.protocol_number)
 
 
-def list_readers(context: PcscContext | None = None) -> Iterator[ReaderInfo]:
-    """Every reader with its card, ATR and protocols."""
+def list_readers(
+    context: PcscContext | None = None,
+    *,
+    on_reader: Callable[[str], None] | None = None,
+) -> Iterator[ReaderInfo]:
+    """Every reader with its card, ATR and protocols; ``on_reader`` is told
+    each reader's name before it is asked (a watchdog can name it)."""
     own = context is None
     context = context or PcscContext()
     try:
         readers = context.readers()
         states = context.states(readers)
         for name in readers:
+            if on_reader is not None:
+                on_reader(name)
             state, atr = states.get(name, (0, b""))
             yield _describe(context, name, state, atr)
     finally:
         if own:
             context.release()
+
+
+@dataclass(frozen=True)
+class VpcdSlot:
+    """One vpcd reader slot as pcscd shows it."""
+
+    reader: str
+    port: int
+    #: pcscd has a card in it (a virtual card is connected to its port).
+    has_card: bool
+
+
+def vpcd_slots(context: PcscContext | None = None) -> list[VpcdSlot]:
+    """The vpcd readers pcscd has (Debian's configuration: VPCD_READERS on
+    VPCD_PORTS), each with whether a card is in it already."""
+    own = context is None
+    context = context or PcscContext()
+    try:
+        readers = context.readers()
+        present: list[str] = [r for r in VPCD_READERS if r in readers]
+        states = context.states(present)
+    finally:
+        if own:
+            context.release()
+    return [
+        VpcdSlot(reader, port, bool(states[reader][0] & _STATE_PRESENT))
+        for reader, port in zip(VPCD_READERS, VPCD_PORTS, strict=True)
+        if reader in states
+    ]
 
 
 # -------------------------------------------------------------- pcscd itself

@@ -24,15 +24,23 @@ Its own answers go out as header and body in one ``sendall`` with
 Power off and reset call the card's ``reset()``, as does every new
 connection: the card forgets its selection, PIN state and last challenge,
 like a real card losing power.
+
+One card per slot: vpcd serves the first connection and leaves any other
+one unaccepted in its listen queue, silent, until the first card leaves.
+With ``accept_timeout`` the bridge notices: a first connection that vpcd
+sends nothing on within that time fails the bridge with
+:class:`VpcdSlotTaken` instead of waiting for ever.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import signal
 import socket
 import threading
+import time
 from types import FrameType, TracebackType
 from typing import Final
 
@@ -40,9 +48,11 @@ from iscl_hw.apdu import format_apdu_for_trace, format_response_for_trace
 from softcard.profiles import VirtualCard
 
 __all__ = [
+    "ACCEPT_WAIT",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "VpcdCardBridge",
+    "VpcdSlotTaken",
 ]
 
 _log = logging.getLogger(__name__)
@@ -50,6 +60,9 @@ _log = logging.getLogger(__name__)
 DEFAULT_HOST: Final = "127.0.0.1"
 #: vpcd's CHANNELID 0x8C7B; slot n listens on DEFAULT_PORT + n.
 DEFAULT_PORT: Final = 35963
+#: A good ``accept_timeout``: pcscd polls an empty slot about three times a
+#: second, and vpcd speaks at once when it takes the card.
+ACCEPT_WAIT: Final = 3.0
 
 CTRL_POWER_OFF: Final = 0x00
 CTRL_POWER_ON: Final = 0x01
@@ -59,10 +72,23 @@ CTRL_GET_ATR: Final = 0x04
 _SW_NO_DIAGNOSIS: Final = b"\x6f\x00"
 _MAX_FRAME: Final = 0xFFFF
 _FIRST_BACKOFF: Final = 0.05
+_POLL: Final = 0.05
 
 
 class _SessionEnd(Exception):
     """The connection to vpcd is over (closed, broken or malformed)."""
+
+
+class VpcdSlotTaken(ConnectionError):
+    """vpcd did not take the card: another card is in that reader slot."""
+
+    def __init__(self, host: str, port: int, waited: float) -> None:
+        super().__init__(
+            errno.EBUSY,
+            f"vpcd at {host}:{port} did not take the card within {waited:g} s: "
+            "another card is already in that reader (another 'iscl card "
+            "serve'?); use the other slot's port or stop that card",
+        )
 
 
 class VpcdCardBridge:
@@ -74,6 +100,11 @@ class VpcdCardBridge:
     thread.  With ``reconnect=True`` a connection that fails or that vpcd
     drops (pcscd restarted) is tried again, waiting 0.05 s doubling up to
     ``max_backoff``; without it the thread ends when the connection ends.
+
+    With ``accept_timeout``, a first connection on which vpcd sends nothing
+    within that time (it left it queued: the slot has a card) ends the
+    bridge with :class:`VpcdSlotTaken` as its ``failure``, reconnect or
+    not; a later one (pcscd restarted) only logs a warning and waits.
     """
 
     def __init__(
@@ -85,6 +116,7 @@ class VpcdCardBridge:
         reconnect: bool = False,
         max_backoff: float = 2.0,
         connect_timeout: float = 5.0,
+        accept_timeout: float | None = None,
     ) -> None:
         self.card = card
         self.host = host
@@ -92,8 +124,12 @@ class VpcdCardBridge:
         self.reconnect = reconnect
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
+        self.accept_timeout = accept_timeout
         #: Set while connected to vpcd (the card is in the reader).
         self.connected = threading.Event()
+        #: Set once vpcd has spoken on the current connection (it took the
+        #: card; a connection it left queued stays silent).
+        self.accepted = threading.Event()
         #: The connection error that ended the bridge, if one did.
         self.failure: OSError | None = None
         self._stopping = threading.Event()
@@ -103,6 +139,7 @@ class VpcdCardBridge:
         self._sock: socket.socket | None = None
         self._removals = 0
         self._removals_at_connect = 0
+        self._ever_accepted = False
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -158,6 +195,15 @@ class VpcdCardBridge:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def wait_accepted(self, timeout: float) -> bool:
+        """Wait until vpcd takes the card; False after ``timeout`` or once
+        the bridge ended (see ``failure``)."""
+        deadline = time.monotonic() + timeout
+        while not self.accepted.wait(min(_POLL, max(deadline - time.monotonic(), 0))):
+            if not self.running or time.monotonic() >= deadline:
+                return self.accepted.is_set()
+        return True
+
     def run_forever(self) -> None:
         """Serve until SIGTERM or SIGINT (or, without reconnect, until vpcd
         closes the connection); raise the connection error that ended it."""
@@ -199,6 +245,7 @@ class VpcdCardBridge:
         with self._lock:
             sock, self._sock = self._sock, None
         self.connected.clear()
+        self.accepted.clear()
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -227,15 +274,22 @@ class VpcdCardBridge:
             if sock is None:
                 continue
             backoff, failures = _FIRST_BACKOFF, 0
-            self._serve(sock)
+            try:
+                self._serve(sock)
+            except VpcdSlotTaken as exc:
+                self.failure = exc
+                break
             if not self.reconnect and self._removals == self._removals_at_connect:
                 break  # vpcd ended the session, not remove()
         self.connected.clear()
+        self.accepted.clear()
         _log.debug("vpcd bridge %s:%d ends", self.host, self.port)
 
     def _log_connect_failure(self, exc: OSError, failures: int) -> None:
         # The first failure in a row is worth a warning; the retries are not.
-        level = logging.WARNING if failures == 0 else logging.DEBUG
+        # Without reconnect the failure ends the bridge and its caller reports
+        # it (``failure``, run_forever), so it is not logged twice.
+        level = logging.WARNING if self.reconnect and failures == 0 else logging.DEBUG
         _log.log(
             level,
             "cannot connect to vpcd at %s:%d: %s",
@@ -265,6 +319,7 @@ class VpcdCardBridge:
         self._reset_card()
         self.connected.set()
         try:
+            self._await_acceptance(sock)
             while True:
                 self._handle_frame(sock, self._read_frame(sock))
         except _SessionEnd as end:
@@ -273,6 +328,43 @@ class VpcdCardBridge:
             )
         finally:
             self._drop_if_current(sock)
+
+    def _await_acceptance(self, sock: socket.socket) -> None:
+        """Until vpcd sends something (it took the card), within
+        ``accept_timeout``; raises VpcdSlotTaken for a first connection
+        that stays silent."""
+        limit = self.accept_timeout
+        first = self._peek(sock, limit)
+        if first is None:
+            assert limit is not None
+            if not self._ever_accepted:
+                raise VpcdSlotTaken(self.host, self.port, limit)
+            _log.warning(
+                "vpcd at %s:%d has not taken the card within %g s: another card "
+                "is in that reader?  Waiting for it to leave",
+                self.host,
+                self.port,
+                limit,
+            )
+            first = self._peek(sock, None)
+        if not first:
+            raise _SessionEnd("closed")
+        self._ever_accepted = True
+        self.accepted.set()
+
+    @staticmethod
+    def _peek(sock: socket.socket, timeout: float | None) -> bytes | None:
+        """The next byte, left unread (empty: closed); None on timeout."""
+        sock.settimeout(timeout)
+        try:
+            return sock.recv(1, socket.MSG_PEEK)
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            raise _SessionEnd(exc.strerror or type(exc).__name__) from None
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
 
     def _reset_card(self) -> None:
         try:

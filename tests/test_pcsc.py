@@ -8,23 +8,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import logging
+import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from helpers import make_keys, random_keys, serving
 from pcsc_env import PcscEnv, pcsc_env, profiled_card
 
-from iscl_hw import aio, cli_pcsc
-from iscl_hw.apdu import INS_EXTERNAL_AUTHENTICATE, INS_GET_CHALLENGE
-from iscl_hw.errors import CardError, CardRemoved, IsclError
+from iscl_hw import aio, cli_pcsc, demo
+from iscl_hw.apdu import (
+    INS_EXTERNAL_AUTHENTICATE,
+    INS_GET_CHALLENGE,
+    INS_INTERNAL_AUTHENTICATE,
+)
+from iscl_hw.card import ApduCard
+from iscl_hw.cli_serve import cmd_card_serve
+from iscl_hw.endpoint import Timeouts
+from iscl_hw.errors import CardError, CardRemoved, ConfigError, IsclError
 from iscl_hw.keyfile import KeyStore
 from iscl_hw.pcsc import (
+    VPCD_PORTS,
     VPCD_READERS,
     NoCard,
     NoReader,
@@ -32,15 +45,20 @@ from iscl_hw.pcsc import (
     PcscCardRemoved,
     PcscContext,
     PcscError,
+    PcscTimeout,
     ReaderBusy,
     ReaderSelector,
+    format_duration,
     list_readers,
     open_reader,
 )
+from softcard.cardfile import create_card_file, new_card_state
+from softcard.emulator import SoftCard
 
 __all__ = ["pcsc_env"]  # the fixture, imported for pytest
 
 SERVER_SLOT, CLIENT_SLOT = 0, 1
+Popen = subprocess.Popen[bytes]
 SERVER_READER, CLIENT_READER = VPCD_READERS
 
 
@@ -49,13 +67,18 @@ SERVER_READER, CLIENT_READER = VPCD_READERS
 
 @pytest.fixture(autouse=True)
 def _restore_trace_loggers() -> Iterator[None]:
-    """``--trace`` sets loggers to DEBUG with a handler on a captured stream."""
+    """``--trace`` sets loggers to DEBUG, not propagating, with a handler on a
+    captured stream."""
     names = ("iscl_hw.transport", "iscl_hw.card", "iscl_hw.pcsc")
-    saved = {name: logging.getLogger(name).level for name in names}
+    saved = {
+        name: (logging.getLogger(name).level, logging.getLogger(name).propagate)
+        for name in names
+    }
     yield
-    for name, level in saved.items():
+    for name, (level, propagate) in saved.items():
         logger = logging.getLogger(name)
         logger.setLevel(level)
+        logger.propagate = propagate
         for handler in list(logger.handlers):
             if handler.get_name() == "iscl-card-trace":
                 logger.removeHandler(handler)
@@ -490,3 +513,448 @@ def test_card_put_back_between_uses_is_opened_again(pcsc_env: PcscEnv) -> None:
         assert card.internal_authenticate(1, bytes(8)) == first
     finally:
         card.close()
+
+
+# ------------------------------------------------------- a stalled reader
+
+
+def soft_card(auth: dict[int, bytes]) -> ApduCard:
+    """An in-process card (no pcscd) for the servers of the stall tests."""
+    return ApduCard(SoftCard(new_card_state(auth)), name="in-process card")
+
+
+class Gate:
+    """The card in ``slot`` stops answering (as a stopped process would) at
+    its first GET CHALLENGE or INTERNAL AUTHENTICATE, until opened."""
+
+    def __init__(self, env: PcscEnv, slot: int) -> None:
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+        def hook(command: bytes) -> None:
+            stall = (INS_GET_CHALLENGE, INS_INTERNAL_AUTHENTICATE)
+            if len(command) > 1 and command[1] in stall and not self.opened.is_set():
+                self.reached.set()
+                self.opened.wait(30)
+
+        env.slots[slot].holder.hook = hook
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+async def loop_lag(stop: asyncio.Event) -> float:
+    """The longest the event loop kept this task waiting past a 10 ms tick."""
+    loop = asyncio.get_running_loop()
+    worst, last = 0.0, loop.time()
+    while not stop.is_set():
+        await asyncio.sleep(0.01)
+        now = loop.time()
+        worst, last = max(worst, now - last - 0.01), now
+    return worst
+
+
+async def race_stalled(
+    stalled: PcscCard,
+    healthy: PcscCard,
+    auth: dict[int, bytes],
+    enc: dict[int, bytes],
+    reached: Callable[[], bool],
+    limit: float,
+) -> dict[str, float]:
+    """A handshake with the ``stalled`` card and, once its card hangs, one
+    with the ``healthy`` card on the same loop (each to a server with its own
+    in-process card).  The first must fail with PcscTimeout after ``limit``;
+    returns how long things took."""
+    loop = asyncio.get_running_loop()
+    timings: dict[str, float] = {}
+    stop = asyncio.Event()
+    lag = asyncio.create_task(loop_lag(stop))
+    async with (
+        serving(echo, soft_card(auth), make_keys(enc)) as stalled_port,
+        serving(echo, soft_card(auth), make_keys(enc)) as healthy_port,
+    ):
+        started = loop.time()
+        first = asyncio.create_task(
+            aio.open_connection(
+                "127.0.0.1",
+                stalled_port,
+                card=stalled,
+                keys=make_keys(enc),
+                timeouts=Timeouts(card=limit),
+            )
+        )
+        assert await asyncio.to_thread(reached)
+        begun = loop.time()
+        channel = await aio.open_connection(
+            "127.0.0.1", healthy_port, card=healthy, keys=make_keys(enc)
+        )
+        timings["other handshake"] = loop.time() - begun
+        await channel.send(b"meanwhile")
+        assert await channel.recv() == b"elihwnaem"
+        await channel.close()
+        timings["other connection"] = loop.time() - begun
+        with pytest.raises(PcscTimeout, match=re.escape(stalled.name)):
+            await first
+        timings["stalled fails"] = loop.time() - started
+        stop.set()
+        timings["loop lag"] = await lag
+    return timings
+
+
+def test_stalled_reader_stalls_only_its_own_connection(pcsc_env: PcscEnv) -> None:
+    """A card that stops answering mid-handshake holds its own connection
+    (until Timeouts.card), not the event loop and not the others."""
+    auth, enc = random_keys(), random_keys()
+    pcsc_env.put(SERVER_SLOT, profiled_card(auth))
+    pcsc_env.put(CLIENT_SLOT, profiled_card(auth))
+    stalled = PcscCard(SERVER_READER, card_timeout=2)
+    healthy = PcscCard(CLIENT_READER, card_timeout=2)
+    gate = Gate(pcsc_env, SERVER_SLOT)
+    try:
+        timings = asyncio.run(
+            race_stalled(
+                stalled, healthy, auth, enc, lambda: gate.reached.wait(5), limit=1.0
+            )
+        )
+        print("stall timings (s):", {k: round(v, 4) for k, v in timings.items()})
+        assert timings["other handshake"] < 0.5
+        assert timings["loop lag"] < 0.25
+        assert 1.0 <= timings["stalled fails"] < 3.0
+        # The hung call returns; the transaction its span held ends then, and
+        # the same card serves the next handshake.
+        gate.open()
+
+        async def again() -> bytes:
+            async with serving(echo, soft_card(auth), make_keys(enc)) as port:
+                channel = await aio.open_connection(
+                    "127.0.0.1", port, card=stalled, keys=make_keys(enc)
+                )
+                await channel.send(b"again")
+                answer = await channel.recv()
+                await channel.close()
+                return answer
+
+        assert asyncio.run(again()) == b"niaga"
+    finally:
+        gate.open()
+        stalled.close()
+        healthy.close()
+        pcsc_env.slots[SERVER_SLOT].holder.hook = None
+
+
+def test_end_span_and_close_do_not_wait_for_a_hung_call(pcsc_env: PcscEnv) -> None:
+    pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
+    card = PcscCard(SERVER_READER, card_timeout=2)
+    gate = Gate(pcsc_env, SERVER_SLOT)
+    worker = threading.Thread(target=lambda: card.get_challenge(), daemon=True)
+    try:
+        card.begin_span()
+        worker.start()
+        assert gate.reached.wait(5)
+        started = time.monotonic()
+        card.end_span()  # deferred: the hung GET CHALLENGE holds the card
+        card.close()
+        assert time.monotonic() - started < 0.1
+        gate.open()
+        worker.join(5)
+        assert not worker.is_alive()
+        with pytest.raises(PcscError, match="closed"):
+            card.get_challenge()
+    finally:
+        gate.open()
+        card.close()
+        pcsc_env.slots[SERVER_SLOT].holder.hook = None
+    # Both deferred steps ran: the reader is free for an exclusive connection.
+    from smartcard import scard
+
+    with PcscContext() as other:
+        result, handle, _ = scard.SCardConnect(
+            other.handle,
+            SERVER_READER,
+            scard.SCARD_SHARE_EXCLUSIVE,
+            scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+        )
+        assert result == 0
+        scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+
+
+def serve_process(card_path: Path, port: int, log: Path, *extra: str) -> Popen:
+    """``iscl card serve`` as a child process, its standard error to ``log``."""
+    command = [sys.executable, "-m", "iscl_hw.cli_serve", str(card_path)]
+    command += ["--vpcd", f"127.0.0.1:{port}", *extra]
+    with open(log, "w") as err:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def end_process(process: Popen) -> None:
+    """Let a stopped child go on, then end it (by its PID)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_stopped_card_serve_process(
+    pcsc_env: PcscEnv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tester's case: `iscl card serve` in a reader, SIGSTOPped.  A second
+    serve onto its slot fails; with the first stopped, another connection
+    still completes at once, and probe and list give up after --timeout."""
+    auth, enc = random_keys(), random_keys()
+    path = tmp_path / "card.json"
+    create_card_file(path, auth)
+    pcsc_env.put(CLIENT_SLOT, profiled_card(auth))
+    pcsc_env.remove(SERVER_SLOT)
+    pcsc_env.wait_card(SERVER_SLOT, present=False)
+    port = VPCD_PORTS[SERVER_SLOT]
+    first = serve_process(path, port, tmp_path / "first.err", "--no-reconnect")
+    second: Popen | None = None
+    stalled: PcscCard | None = None
+    healthy = PcscCard(CLIENT_READER, card_timeout=2)
+    try:
+        pcsc_env.wait_card(SERVER_SLOT)
+        stalled = PcscCard(SERVER_READER, card_timeout=2)
+
+        # vpcd takes one card per slot: a second serve onto it fails clearly.
+        started = time.monotonic()
+        second = serve_process(path, port, tmp_path / "second.err")
+        assert second.wait(15) == 2
+        taken = time.monotonic() - started
+        err = (tmp_path / "second.err").read_text()
+        assert "another card is already in that reader" in err, err
+        assert err.count("error:") == 1
+
+        os.kill(first.pid, signal.SIGSTOP)
+        timings = asyncio.run(
+            race_stalled(stalled, healthy, auth, enc, lambda: True, limit=1.0)
+        )
+        timings["second serve refused"] = taken
+        for command in (
+            ["probe", "--reader", SERVER_READER, "--wait", "0.5"],
+            ["list"],
+        ):
+            args = _parse([*command, "--timeout", "1"])
+            started = time.monotonic()
+            assert args.func(args) == 2
+            timings[command[0]] = time.monotonic() - started
+            err = capsys.readouterr().err
+            assert "no answer within" in err and SERVER_READER in err, err
+        print(
+            "stopped-serve timings (s):", {k: round(v, 3) for k, v in timings.items()}
+        )
+        assert timings["other handshake"] < 0.5
+        assert timings["loop lag"] < 0.25
+        assert timings["probe"] < 3 and timings["list"] < 3
+    finally:
+        end_process(first)
+        if second is not None:
+            end_process(second)
+        if stalled is not None:
+            stalled.close()
+        healthy.close()
+        pcsc_env.wait_card(SERVER_SLOT, present=False)
+        pcsc_env.insert(SERVER_SLOT)
+
+
+# --------------------------------------------------------- vpcd slots, demo
+
+
+def test_serve_onto_an_occupied_slot_fails(
+    pcsc_env: PcscEnv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "card.json"
+    create_card_file(path, {1: bytes(8)})
+    args = argparse.Namespace(
+        card_file=path, vpcd=("127.0.0.1", VPCD_PORTS[CLIENT_SLOT]), no_reconnect=False
+    )
+    started = time.monotonic()
+    assert cmd_card_serve(args) == 2
+    assert time.monotonic() - started < 6
+    err = capsys.readouterr().err
+    assert "did not take the card" in err and str(VPCD_PORTS[CLIENT_SLOT]) in err
+    # The session's card is still the one in that reader.
+    pcsc_env.put(CLIENT_SLOT, profiled_card({1: bytes(8)}))
+    card = PcscCard(CLIENT_READER, card_timeout=2)
+    try:
+        assert len(card.get_challenge()) == 8
+    finally:
+        card.close()
+
+
+def test_demo_refuses_vpcd_readers_that_have_a_card(pcsc_env: PcscEnv) -> None:
+    # The session's cards sit in both readers, as `iscl card serve` would.
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="already have a card") as raised:
+        demo.run_demo(backend="pcsc", out=io.StringIO())
+    assert all(reader in str(raised.value) for reader in VPCD_READERS)
+    pcsc_env.remove(SERVER_SLOT)
+    try:
+        pcsc_env.wait_card(SERVER_SLOT, present=False)
+        with pytest.raises(ConfigError, match=f"'{CLIENT_READER}' .* already has"):
+            demo.run_demo(backend="pcsc", out=io.StringIO())
+    finally:
+        pcsc_env.insert(SERVER_SLOT)
+    assert time.monotonic() - started < 5
+
+
+def test_demo_over_pcscd_in_free_readers(pcsc_env: PcscEnv) -> None:
+    for slot in (SERVER_SLOT, CLIENT_SLOT):
+        pcsc_env.remove(slot)
+    try:
+        for slot in (SERVER_SLOT, CLIENT_SLOT):
+            pcsc_env.wait_card(slot, present=False)
+        out = io.StringIO()
+        assert demo.run_demo(backend="pcsc", out=out) == 0
+        text = out.getvalue()
+        assert "identical" in text
+        assert all(repr(reader) in text for reader in VPCD_READERS)
+    finally:
+        for slot in (SERVER_SLOT, CLIENT_SLOT):
+            # The demo's cards leave first (pcscd sees it at its next poll).
+            pcsc_env.wait_card(slot, present=False)
+            pcsc_env.insert(slot)
+
+
+# ------------------------------------------------------------ small fixes
+
+
+def test_failed_transmit_waits_for_the_removal_to_show(
+    pcsc_env: PcscEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pcscd may fail a command (0x80100016) before its reader state shows
+    the card gone: that is still a removal, not a generic failure."""
+    from smartcard import scard
+
+    pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
+    pulled = False
+
+    def failing(handle: object, protocol: int, command: list[int]) -> object:
+        if pulled:
+            pcsc_env.remove(SERVER_SLOT)
+        return 0x80100016, []
+
+    with PcscContext() as context:
+        link = open_reader(context, ReaderSelector(name=SERVER_READER))
+        try:
+            monkeypatch.setattr(scard, "SCardTransmit", failing)
+            started = time.monotonic()
+            with pytest.raises(PcscError, match="0x80100016") as raised:
+                link.transmit(bytes.fromhex("0084000008"))
+            assert not isinstance(raised.value, PcscCardRemoved)  # still in
+            assert 0.5 <= time.monotonic() - started < 2
+            pulled = True
+            with pytest.raises(PcscCardRemoved, match=SERVER_READER):
+                link.transmit(bytes.fromhex("0084000008"))
+        finally:
+            monkeypatch.undo()
+            link.close()
+            pcsc_env.insert(SERVER_SLOT)
+
+
+def test_trace_lines_are_printed_once(
+    pcsc_env: PcscEnv,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pcsc_env.put(CLIENT_SLOT, profiled_card({1: bytes(8)}))
+    caplog.set_level(logging.DEBUG)  # a root handler, as --log-level DEBUG has
+    args = _parse(["probe", "--reader", CLIENT_READER, "--trace"])
+    assert args.func(args) == 0
+    err = capsys.readouterr().err
+    assert "trace" in err and "GET CHALLENGE" in err
+    trace = {"iscl_hw.transport", "iscl_hw.card", "iscl_hw.pcsc"}
+    assert not [record for record in caplog.records if record.name in trace]
+
+
+def test_wrong_reader_name_fails_without_waiting(
+    pcsc_env: PcscEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    args = _parse(["probe", "--reader", "no-such-reader", "--wait", "5"])
+    assert args.func(args) == 2
+    assert "no-such-reader" in capsys.readouterr().err
+    with pytest.raises(NoReader):
+        PcscCard("no-such-reader", card_timeout=5)
+    assert time.monotonic() - started < 1
+
+
+def test_pcsc_codes_are_logged_in_hex(
+    pcsc_env: PcscEnv,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from smartcard import scard
+
+    pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
+    caplog.set_level(logging.INFO, logger="iscl_hw.pcsc")
+    with PcscContext() as context:
+        link = open_reader(context, ReaderSelector(name=SERVER_READER))
+        link.begin_transaction()
+        with monkeypatch.context() as patch:
+            patch.setattr(scard, "SCardEndTransaction", lambda *_: 0x80100069)
+            link.end_transaction()
+        link.close()
+    assert "(0x80100069)" in caplog.text
+    assert str(0x80100069) not in caplog.text
+
+
+def test_durations_read_well(pcsc_env: PcscEnv) -> None:
+    assert format_duration(0.3) == "300 ms"
+    assert format_duration(2) == "2 s"
+    from smartcard import scard
+
+    pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
+    with PcscContext() as other:
+        result, handle, _ = scard.SCardConnect(
+            other.handle,
+            SERVER_READER,
+            scard.SCARD_SHARE_EXCLUSIVE,
+            scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+        )
+        assert result == 0
+        try:
+            infos = {info.name: info for info in list_readers()}
+            with pytest.raises(ReaderBusy, match="for 300 ms"):
+                PcscCard(SERVER_READER, card_timeout=2, busy_wait=0.3)
+        finally:
+            scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+    note = infos[SERVER_READER].note
+    assert "held by another process (sharing violation)" in note
+    assert " 0 s" not in note
+
+
+def test_serve_failure_is_printed_once(tmp_path: Path) -> None:
+    path = tmp_path / "card.json"
+    create_card_file(path, {1: bytes(8)})
+    import socket
+
+    with socket.socket() as probe_port:
+        probe_port.bind(("127.0.0.1", 0))
+        port = probe_port.getsockname()[1]
+    command = [sys.executable, "-m", "iscl_hw.cli_serve", str(path)]
+    command += ["--vpcd", f"127.0.0.1:{port}", "--no-reconnect"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2
+    assert done.stderr.count("cannot connect to vpcd") == 1, done.stderr
+
+
+def test_probe_prints_what_it_found_before_the_card_left(
+    pcsc_env: PcscEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pcsc_env.put(CLIENT_SLOT, profiled_card({1: bytes(8)}))
+    remove_on(pcsc_env, CLIENT_SLOT, INS_INTERNAL_AUTHENTICATE)
+    try:
+        args = _parse(["probe", "--reader", CLIENT_READER])
+        assert args.func(args) == 2
+        out = capsys.readouterr()
+        assert "SELECT F06973636C0001: ok" in out.out
+        assert "GET CHALLENGE: 8 bytes" in out.out
+        assert "key 1" not in out.out
+        assert CLIENT_READER in out.err and "error:" in out.err
+    finally:
+        pcsc_env.insert(CLIENT_SLOT)
