@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--backend",
-        choices=["softcard", "pcsc"],
+        choices=["softcard", "pcsc", "pkcs11"],
         default="softcard",
-        help="cards in process (default) or in two vpcd readers of pcscd",
+        help="cards in process (default), in two vpcd readers of pcscd, or "
+        "keys in two SoftHSM2 tokens",
     )
     demo.set_defaults(func=_cmd_demo)
 

@@ -23,17 +23,21 @@ from typing import TYPE_CHECKING, TextIO
 from iscl_hw import aio
 from iscl_hw.card import ApduCard, Card
 from iscl_hw.constants import KEY_INDEXES
+from iscl_hw.demo_hsm import token_peers
 from iscl_hw.errors import ConfigError, IsclError, LineClosed
 from iscl_hw.filexfer import DEFAULT_CHUNK_SIZE, Manifest, receive_file, send_file
 from iscl_hw.keyfile import load_key_file, write_key_file
-from iscl_hw.settings import Settings
+from iscl_hw.settings import KeyProvider, Settings
 from softcard.cardfile import create_card_file
 from softcard.emulator import SoftCard
 
 if TYPE_CHECKING:
     from iscl_hw.pcsc import VpcdSlot
 
-__all__ = ["default_dicom_file", "run_demo"]
+__all__ = ["BACKENDS", "default_dicom_file", "run_demo"]
+
+#: Where the demo's two cards live.
+BACKENDS = ("softcard", "pcsc", "pkcs11")
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +208,10 @@ async def _run(
         file=out,
     )
 
-    opener = _pcsc_cards if backend == "pcsc" else _softcards
-    with opener(server, client, out) as (server_card, client_card):
+    with _open_backend(backend, directory, server, client, out) as sides:
         return await _exchange(
             source,
-            server_card,
-            client_card,
-            server,
-            client,
+            sides,
             received_dir,
             settings,
             chunk_size,
@@ -220,12 +220,38 @@ async def _run(
         )
 
 
+@contextlib.contextmanager
+def _open_backend(
+    backend: str, directory: Path, server: _Peer, client: _Peer, out: TextIO
+) -> Iterator[_Sides]:
+    """Both peers' cards and encryption keys, from ``backend``."""
+    if backend == "pkcs11":
+        peers = [(p.name, p.card_path, p.key_path) for p in (server, client)]
+        with token_peers(directory, peers, out) as tokens:
+            (server_card, server_keys), (client_card, client_keys) = tokens
+            yield _Sides(server_card, client_card, server_keys, client_keys)
+        return
+    opener = _pcsc_cards if backend == "pcsc" else _softcards
+    with opener(server, client, out) as (server_card, client_card):
+        yield _Sides(
+            server_card,
+            client_card,
+            load_key_file(server.key_path),
+            load_key_file(client.key_path),
+        )
+
+
+@dataclass(frozen=True)
+class _Sides:
+    server_card: Card
+    client_card: Card
+    server_keys: KeyProvider
+    client_keys: KeyProvider
+
+
 async def _exchange(
     source: Path,
-    server_card: Card,
-    client_card: Card,
-    server: _Peer,
-    client: _Peer,
+    sides: _Sides,
     received_dir: Path,
     settings: Settings,
     chunk_size: int,
@@ -249,8 +275,8 @@ async def _exchange(
         handle,
         "127.0.0.1",
         0,
-        card=server_card,
-        keys=load_key_file(server.key_path),
+        card=sides.server_card,
+        keys=sides.server_keys,
         settings=settings,
     )
     port = listener.sockets[0].getsockname()[1]
@@ -263,8 +289,8 @@ async def _exchange(
         channel = await aio.open_connection(
             "127.0.0.1",
             port,
-            card=client_card,
-            keys=load_key_file(client.key_path),
+            card=sides.client_card,
+            keys=sides.client_keys,
             settings=settings,
         )
         handshake = time.perf_counter() - started
@@ -339,17 +365,18 @@ def run_demo(
     """Run the demo; returns the exit code (0 only if the file matches).
 
     ``backend`` "softcard" uses the cards in process; "pcsc" serves them
-    through the two vpcd readers of one pcscd (started if none runs)."""
-    if backend not in ("softcard", "pcsc"):
+    through the two vpcd readers of one pcscd (started if none runs);
+    "pkcs11" puts both peers' keys in SoftHSM2 tokens."""
+    if backend not in BACKENDS:
         raise ConfigError(f"unknown card backend {backend!r}")
     source = file or default_dicom_file()
     if not source.is_file():
         raise FileNotFoundError(f"{source} is not a readable file")
-    where = " behind pcscd" if backend == "pcsc" else ""
-    print(
-        f"ISCL demo: two peers, two virtual IC cards{where}, one DICOM file",
-        file=out,
-    )
+    where = {
+        "pcsc": "two virtual IC cards behind pcscd",
+        "pkcs11": "keys in two SoftHSM2 tokens",
+    }.get(backend, "two virtual IC cards")
+    print(f"ISCL demo: two peers, {where}, one DICOM file", file=out)
     with (
         tempfile.TemporaryDirectory(prefix="iscl-demo-") as directory,
         _tracing(out, trace) as trace_filter,

@@ -625,3 +625,23 @@ def test_pin_must_be_utf8_and_stays_out_of_the_error() -> None:
         "/nonexistent.so", label="x", pin=b"1", allowed_mechanisms=["CKM_DES3_CBC"]
     )
     assert config.allowed_mechanisms == frozenset({"DES3_CBC"})
+
+
+def test_demo_with_keys_in_softhsm(tmp_path: object) -> None:
+    """The demo makes its own SoftHSM2 directory, so it runs in a process of
+    its own (SOFTHSM2_CONF is fixed once a process loads the module)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    done = subprocess.run(
+        [sys.executable, "-m", "iscl_hw", "demo", "--backend", "pkcs11"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "DES runs as DES3 with K||K||K" in done.stdout
+    assert "identical: the file arrived intact" in done.stdout
