@@ -392,9 +392,12 @@ class AsyncChannel:
         if not data or self._writer.is_closing():
             return
         self._writer.write(data)
+        if not self._writer.transport.get_write_buffer_size():
+            return  # all in the kernel already: nothing to wait for
         limit = self._endpoint.timeouts.transmission
         try:
-            await asyncio.wait_for(self._writer.drain(), limit)
+            async with asyncio.timeout(limit):
+                await self._writer.drain()
         except TimeoutError:
             raise PeerTimeout(f"peer read nothing for {limit:g} s") from None
         except OSError as exc:
@@ -430,9 +433,8 @@ async def open_connection(
     """Connect as client and authenticate; returns a ready channel."""
     timeouts = timeouts or Timeouts()
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port), timeouts.handshake
-        )
+        async with asyncio.timeout(timeouts.handshake):
+            reader, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError) as exc:
         raise ConnectionLost(f"cannot connect to {host}:{port}: {exc}") from exc
     channel = AsyncChannel(
@@ -461,7 +463,8 @@ class _PeerSlots:
         semaphore, users = self._slots.get(peer, (asyncio.Semaphore(self._size), 0))
         self._slots[peer] = (semaphore, users + 1)
         try:
-            await asyncio.wait_for(semaphore.acquire(), timeout)
+            async with asyncio.timeout(timeout):
+                await semaphore.acquire()
             try:
                 yield
             finally:
