@@ -22,8 +22,12 @@ import asyncio
 import contextlib
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from bench_core import time_handshakes
 
@@ -36,7 +40,7 @@ from iscl_hw.pcsc import (
     PcscdChild,
     pcscd_running,
 )
-from softcard.cardfile import new_card_state
+from softcard.cardfile import create_card_file, new_card_state
 from softcard.emulator import SoftCard
 from softcard.profiles import ProfiledCard
 from softcard.vpcd import VpcdCardBridge
@@ -47,8 +51,13 @@ def _ms(values: list[float], q: int) -> float:
 
 
 @contextlib.contextmanager
-def cards(profile: str) -> Iterator[tuple[PcscCard, PcscCard, KeyStore]]:
-    """Both cards in the vpcd readers of a pcscd (started if none runs)."""
+def cards(
+    profile: str, processes: bool = False
+) -> Iterator[tuple[PcscCard, PcscCard, KeyStore]]:
+    """Both cards in the vpcd readers of a pcscd (started if none runs),
+    served by bridge threads of this process or, with ``processes``, by two
+    ``iscl card serve`` processes (as a card sits outside the engine's
+    process in a real reader)."""
     auth = {index: os.urandom(8) for index in KEY_INDEXES}
     keys = KeyStore({index: os.urandom(8) for index in KEY_INDEXES})
     with contextlib.ExitStack() as stack:
@@ -56,17 +65,36 @@ def cards(profile: str) -> Iterator[tuple[PcscCard, PcscCard, KeyStore]]:
             child = stack.enter_context(PcscdChild())
             print(f"started pcscd, PID {child.pid}")
         opened = []
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for reader, port in zip(VPCD_READERS, VPCD_PORTS, strict=True):
-            soft = ProfiledCard(
-                SoftCard(new_card_state(auth, profile=profile)), profile
-            )
-            bridge = VpcdCardBridge(soft, "127.0.0.1", port)
-            bridge.start()
-            stack.callback(bridge.stop)
+            if processes:
+                stack.enter_context(_serve_process(directory, auth, profile, port))
+            else:
+                soft = ProfiledCard(
+                    SoftCard(new_card_state(auth, profile=profile)), profile
+                )
+                bridge = VpcdCardBridge(soft, "127.0.0.1", port)
+                bridge.start()
+                stack.callback(bridge.stop)
             card = PcscCard(reader, card_timeout=5)
             stack.callback(card.close)
             opened.append(card)
         yield opened[0], opened[1], keys
+
+
+@contextlib.contextmanager
+def _serve_process(
+    directory: Path, auth: dict[int, bytes], profile: str, port: int
+) -> Iterator[None]:
+    path = directory / f"card-{port}.json"
+    create_card_file(path, auth, profile=profile)
+    command = [sys.executable, "-m", "iscl_hw", "card", "serve", str(path)]
+    child = subprocess.Popen([*command, "--vpcd", f"127.0.0.1:{port}"])
+    try:
+        yield
+    finally:
+        child.terminate()
+        child.wait(10)
 
 
 def bench_apdus(card: PcscCard, count: int) -> list[float]:
@@ -83,8 +111,17 @@ def main() -> None:
     parser.add_argument("--apdus", type=int, default=1000)
     parser.add_argument("--handshakes", type=int, default=200)
     parser.add_argument("--profile", default="plain")
+    parser.add_argument(
+        "--bridges",
+        choices=["threads", "processes"],
+        default="threads",
+        help="serve the soft cards from this process or from two "
+        "'iscl card serve' processes",
+    )
     args = parser.parse_args()
-    with cards(args.profile) as (server, client, keys):
+    processes = args.bridges == "processes"
+    print(f"cards served by {args.bridges}")
+    with cards(args.profile, processes) as (server, client, keys):
         bench_apdus(client, 50)  # warm-up
         apdus = bench_apdus(client, args.apdus)
         print(
