@@ -165,13 +165,24 @@ class CardArbiter:
             raise CardError(f"{operation.value} outside the connection's card span")
         if operation is CardOperation.GET_CHALLENGE:
             if not self._span_begun:
-                self.card.begin_span()
-                self._span_begun = True
+                self._begin_card_span(owner)
             challenge = self.card.get_challenge()
             self._outstanding = challenge
             return challenge
         self.card.external_authenticate(request.key_ref, request.data)
         return b""
+
+    def _begin_card_span(self, owner: object) -> None:
+        self.card.begin_span()
+        with self._state:
+            still_held = self._owner is owner
+            if still_held:
+                self._span_begun = True
+        if not still_held:
+            # The connection gave up (its card timeout) while a slow
+            # begin_span ran on a worker thread: end what it began.
+            self._end_card_span()
+            raise CardError(f"card {self.card.name}: the span was given up")
 
     def _refuse_reflection(self, owner: object, challenge: bytes) -> None:
         with self._state:

@@ -268,3 +268,48 @@ def test_busy_card_fails_the_handshake_and_tells_the_peer() -> None:
     assert (nak.option, nak.err_no) == (NAK, ErrorCode.LOCAL_ICCARD)
     assert isinstance(pair.client.error, RemoteProtocolError)
     assert pair.client.error.code is ErrorCode.REMOTE_ICCARD
+
+
+def test_a_span_begun_after_its_owner_left_is_ended() -> None:
+    """A begin_span that returns after its connection gave up (a card
+    timeout) must not leave the next owner inside a stale span."""
+    from iscl_hw.card import Card
+
+    calls: list[str] = []
+    gives_up = True
+
+    class SlowBegin(Card):
+        name = "slow"
+
+        def begin_span(self) -> None:
+            calls.append("begin")
+            if gives_up:
+                arbiter.release(first)  # the owner's timeout, meanwhile
+
+        def end_span(self) -> None:
+            calls.append("end")
+
+        def get_challenge(self) -> bytes:
+            return bytes(8)
+
+        def internal_authenticate(self, key_ref: int, challenge: bytes) -> bytes:
+            raise NotImplementedError
+
+        def external_authenticate(self, key_ref: int, response: bytes) -> None:
+            raise NotImplementedError
+
+        def close(self) -> None:
+            return
+
+    card = SlowBegin()
+    arbiter = CardArbiter(card)
+    first, second = object(), object()
+    arbiter.acquire(first)
+    with pytest.raises(CardError, match="given up"):
+        arbiter.run(first, CardRequest(CardOperation.GET_CHALLENGE))
+    assert calls == ["begin", "end"]
+
+    gives_up = False
+    arbiter.acquire(second)
+    arbiter.run(second, CardRequest(CardOperation.GET_CHALLENGE))
+    assert calls == ["begin", "end", "begin"]
