@@ -31,6 +31,7 @@ from iscl_hw.hsm import (
     TokenCard,
     TokenConfig,
     TokenError,
+    TokenKey,
     TokenKeys,
     TokenLoggedOut,
     key_label,
@@ -645,3 +646,111 @@ def test_demo_with_keys_in_softhsm(tmp_path: object) -> None:
     assert done.returncode == 0, done.stderr
     assert "DES runs as DES3 with K||K||K" in done.stdout
     assert "identical: the file arrived intact" in done.stdout
+
+
+# -- the core's known-answer vectors, run in the token ------------------------
+
+
+def _vectors(name: str) -> list[dict[str, str]]:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent / "vectors" / name
+    vectors: list[dict[str, str]] = json.loads(path.read_text())["vectors"]
+    return vectors
+
+
+DES_CBC_VECTORS = _vectors("des_cbc.json")
+CBCMAC_VECTORS = [
+    v for v in _vectors("cbcmac_des.json") if v["iv"] == "00" * 8 and "mac_m1" in v
+]
+VECTOR_KEYS = sorted(
+    {v["key"] for v in DES_CBC_VECTORS} | {v["key"] for v in CBCMAC_VECTORS}
+)
+
+
+@pytest.fixture(scope="module")
+def vector_token(hsm: HsmSession) -> Iterator[Token]:  # noqa: F811
+    enc = {i + 1: bytes.fromhex(k) for i, k in enumerate(VECTOR_KEYS)}
+    token = provisioned(hsm.token("vectors"), {}, enc)
+    yield token
+    token.close()
+
+
+def _token_key(token: Token, key_hex: str) -> TokenKey:
+    return TokenKeys(token).get(VECTOR_KEYS.index(key_hex) + 1)
+
+
+def test_token_des_cbc_on_the_openssl_vectors(vector_token: Token) -> None:
+    for vector in DES_CBC_VECTORS:
+        plaintext = bytes.fromhex(vector["plaintext"])
+        if not plaintext:
+            continue  # a token refuses an empty encryption; no message is empty
+        key = _token_key(vector_token, vector["key"])
+        iv, ciphertext = (
+            bytes.fromhex(vector["iv"]),
+            bytes.fromhex(vector["ciphertext"]),
+        )
+        assert key.cbc_encrypt(iv, plaintext) == ciphertext, vector
+        assert key.cbc_decrypt(iv, ciphertext) == plaintext, vector
+
+
+def test_token_cbc_mac_on_the_vectors(vector_token: Token) -> None:
+    assert len(CBCMAC_VECTORS) >= 10
+    for vector in CBCMAC_VECTORS:
+        key = _token_key(vector_token, vector["key"])
+        assert key.cbc_mac(bytes.fromhex(vector["message"])).hex() == vector["mac_m1"]
+
+
+# -- finding, sharing and waiting ---------------------------------------------
+
+
+def test_token_found_by_serial_and_login_shared(server_token: Token) -> None:
+    """A second Token on the same token (found by serial) meets the login of
+    the first: "user already logged in" counts as success."""
+    serial = server_token._token.serial if server_token._token else b""
+    assert isinstance(serial, bytes) and serial
+    config = server_token.config
+    second = Token(TokenConfig(config.module, serial=serial.decode(), pin=config.pin))
+    with second:
+        block = os.urandom(8)
+        assert second.ecb("iscl-auth-2", block) == crypto.des_ecb_encrypt(
+            AUTH[2], block
+        )
+
+
+def test_a_full_pool_waits_a_bounded_time(hsm: HsmSession) -> None:  # noqa: F811
+    import threading
+
+    from iscl_hw.errors import CardBusy
+
+    token = provisioned(hsm.token(), {1: AUTH[1]}, {})
+    config = token.config
+    token.close()
+    narrow = Token(
+        TokenConfig(
+            config.module,
+            label=config.label,
+            pin=config.pin,
+            sessions=1,
+            session_wait=0.2,
+        )
+    )
+    with narrow:
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with narrow.session():
+                held.set()
+                release.wait(5)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(5)
+        started = time.monotonic()
+        with pytest.raises(CardBusy, match=r"no free session within 0\.2 s"):
+            narrow.random(8)
+        assert 0.15 < time.monotonic() - started < 2
+        release.set()
+        holder.join()
+        assert len(narrow.random(8)) == 8
