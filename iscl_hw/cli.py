@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from iscl_hw import __version__, cli_card, cli_hsm
+from iscl_hw import __version__, cli_card, cli_config, cli_hsm, cli_transfer
 from iscl_hw.errors import IsclError
 from iscl_hw.filexfer import DEFAULT_CHUNK_SIZE
 
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_card.register(commands)
     cli_hsm.register(commands)
+    cli_config.register(commands)
+    cli_transfer.register(commands)
     return parser
 
 
