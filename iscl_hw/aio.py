@@ -41,6 +41,7 @@ from iscl_hw.events import (
     MessageReceived,
     ThroughModeReceived,
 )
+from iscl_hw.oplog import audit_authentication
 from iscl_hw.ratelimit import FailureLimiter
 from iscl_hw.settings import KeyProvider, Settings
 
@@ -537,9 +538,19 @@ async def start_server(
             # our card; only our own card's trouble is not held against it.
             if not isinstance(exc, CardError):
                 limiter.failure(peer)
-            log.warning("handshake with %s failed: %s", peer, exc)
+            log.debug("handshake with %s failed: %s", peer, exc)
+            audit_authentication(
+                channel.peer_address,
+                channel.connection.auth_key_index,
+                False,
+                str(exc),
+                role="server",
+            )
             return False
         limiter.success(peer)
+        audit_authentication(
+            channel.peer_address, channel.connection.auth_key_index, True, role="server"
+        )
         return True
 
     async def serve(channel: AsyncChannel, peer: str) -> None:

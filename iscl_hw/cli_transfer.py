@@ -567,9 +567,6 @@ class _Receiver:
         task = asyncio.current_task()
         assert task is not None
         self.active.add(task)
-        audit_authentication(
-            channel.peer_address, channel.connection.auth_key_index, True, role="server"
-        )
         peer = format_peer(channel.peer_address)
         ok = False
         try:

@@ -28,6 +28,7 @@ from iscl_hw.core import Phase
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import (
     ConnectionLost,
+    IsclError,
     LineClosed,
     PeerRejectedAuthentication,
     PeerTimeout,
@@ -147,7 +148,7 @@ def test_blocking_client_and_blocking_server() -> None:
 
 
 def test_silent_peer_times_out_on_aio_server(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="iscl_hw.aio")
+    caplog.set_level(logging.DEBUG, logger="iscl_hw.aio")
     cards, keys = make_cards(), make_keys()
 
     async def scenario() -> None:
@@ -542,3 +543,30 @@ def test_connection_waiting_for_a_slot_is_refused_once_its_peer_is_blocked() -> 
                 await stalled.wait_closed()
 
     asyncio.run(scenario())
+
+
+def test_server_audits_every_authentication(caplog: pytest.LogCaptureFixture) -> None:
+    """One audit record per handshake the server runs: success and failure,
+    with the peer and the key index."""
+    from helpers import make_card
+
+    caplog.set_level(logging.INFO, logger="iscl.audit")
+    cards, keys = make_cards(), make_keys()
+    stranger, _, _ = make_card(random_keys())
+
+    async def scenario() -> None:
+        async with serving(echo([]), cards.server, keys) as port:
+            channel = await aio.open_connection(
+                "127.0.0.1", port, card=cards.client, keys=keys
+            )
+            await channel.close()
+            with pytest.raises(IsclError):
+                await aio.open_connection("127.0.0.1", port, card=stranger, keys=keys)
+            await settle()
+
+    asyncio.run(scenario())
+    records = [r for r in caplog.records if r.name == "iscl.audit"]
+    outcomes = [(r.__dict__["outcome"], r.__dict__["key_index"]) for r in records]
+    assert outcomes == [("success", 1), ("failure", 1)]
+    assert all(r.__dict__["peer"].startswith("127.0.0.1") for r in records)
+    assert records[1].levelno == logging.WARNING
