@@ -13,6 +13,7 @@ from pathlib import Path
 from iscl_hw import __version__, cli_card, cli_config, cli_hsm, cli_transfer
 from iscl_hw.errors import IsclError
 from iscl_hw.filexfer import DEFAULT_CHUNK_SIZE
+from iscl_hw.oplog import configure_logging
 
 __all__ = ["main"]
 
@@ -80,7 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     cli_hsm.register(commands)
     cli_config.register(commands)
     cli_transfer.register(commands)
+    for leaf in _leaf_parsers(parser):
+        cli_config.add_config_option(leaf)
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of every command (the ones that run something)."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found += _leaf_parsers(sub) or [sub]
+    return found
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -98,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler: _Handler = args.func
     try:
+        site = cli_config.load_for_args(args)
+        if site is not None:
+            configure_logging(site.logging)
         return handler(args)
     except (IsclError, OSError) as exc:
         print(f"iscl: {exc}", file=sys.stderr)

@@ -42,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _add_token_options(parser: argparse.ArgumentParser) -> None:
-    """Which token (never by slot number) and where its user PIN comes from."""
-    which = parser.add_mutually_exclusive_group(required=True)
+    """Which token (never by slot number) and where its user PIN comes from;
+    without them, the pkcs11 card of the --config site file."""
+    which = parser.add_mutually_exclusive_group()
     which.add_argument("--label", help="the token's label")
     which.add_argument("--serial", help="the token's serial number")
     parser.add_argument(
@@ -183,20 +184,40 @@ def _open_token(args: argparse.Namespace) -> Any:
         raise _UsageError(
             "the PKCS#11 backend needs python-pkcs11: pip install 'iscl[pkcs11]'"
         ) from exc
+    _take_site_token(args)
     module = args.module if args.module is not None else softhsm.find_module()
     if not Path(module).is_file():
         raise _UsageError(f"PKCS#11 module {module}: no such file")
-    source: PinSource
+    source: PinSource | None = args.site_pin
     if args.pin_env is not None:
         source = cli_pcsc.pin_from_env(args.pin_env)
     elif args.pin_file is not None:
         source = cli_pcsc.pin_from_file(args.pin_file)
-    else:
+    elif source is None:
         source = cli_pcsc.pin_from_prompt("token user PIN: ")
     config = hsm.TokenConfig(
         str(module), label=args.label, serial=args.serial, pin=source(), sessions=1
     )
     return hsm.Token(config)
+
+
+def _take_site_token(args: argparse.Namespace) -> None:
+    """Fill the token options the command line left out from the site file's
+    pkcs11 card; refuse when neither names a token."""
+    from iscl_hw import cli_config
+    from iscl_hw.siteconfig import Pkcs11Backend
+
+    args.site_pin = None
+    if args.label is not None or args.serial is not None:
+        return
+    site = cli_config.load_for_args(args)
+    backend = site.backend if site is not None else None
+    if not isinstance(backend, Pkcs11Backend):
+        raise _UsageError("name the token: --label, --serial, or a pkcs11 --config")
+    args.label, args.serial = backend.label, backend.serial
+    if args.module is None:
+        args.module = backend.module
+    args.site_pin = backend.pin.source()
 
 
 def _read_key(path: str) -> bytes:

@@ -754,3 +754,29 @@ def test_a_full_pool_waits_a_bounded_time(hsm: HsmSession) -> None:  # noqa: F81
         release.set()
         holder.join()
         assert len(narrow.random(8)) == 8
+
+
+def test_hsm_commands_take_the_token_from_a_site_file(
+    hsm: HsmSession,  # noqa: F811
+    tmp_path: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pathlib import Path
+
+    from iscl_hw import cli
+
+    t = hsm.token("site")
+    provisioned(t, {2: AUTH[2]}, {}).close()
+    monkeypatch.setenv("SITE_TOKEN_PIN", t.pin.decode())
+    site = Path(str(tmp_path)) / "site.toml"
+    site.write_text(
+        '[site]\nrole = "server"\nlisten = "127.0.0.1:0"\n\n'
+        f'[card]\ntype = "pkcs11"\nmodule = "{t.module}"\n'
+        f'label = "{t.label}"\npin_env = "SITE_TOKEN_PIN"\n'
+    )
+    assert cli.main(["hsm", "list", "--config", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "iscl-auth-2" in out
+    assert cli.main(["hsm", "list"]) == 2
+    assert "name the token" in capsys.readouterr().err
