@@ -52,13 +52,13 @@ def _ms(values: list[float], q: int) -> float:
 
 @contextlib.contextmanager
 def cards(
-    profile: str, processes: bool = False
+    profile: str, processes: bool = False, auth: dict[int, bytes] | None = None
 ) -> Iterator[tuple[PcscCard, PcscCard, KeyStore]]:
     """Both cards in the vpcd readers of a pcscd (started if none runs),
     served by bridge threads of this process or, with ``processes``, by two
     ``iscl card serve`` processes (as a card sits outside the engine's
     process in a real reader)."""
-    auth = {index: os.urandom(8) for index in KEY_INDEXES}
+    auth = auth or {index: os.urandom(8) for index in KEY_INDEXES}
     keys = KeyStore({index: os.urandom(8) for index in KEY_INDEXES})
     with contextlib.ExitStack() as stack:
         if not pcscd_running():
