@@ -10,7 +10,14 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from iscl_hw import __version__, cli_card, cli_config, cli_hsm, cli_transfer
+from iscl_hw import (
+    __version__,
+    cli_card,
+    cli_config,
+    cli_gateway,
+    cli_hsm,
+    cli_transfer,
+)
 from iscl_hw.errors import IsclError
 from iscl_hw.filexfer import DEFAULT_CHUNK_SIZE
 from iscl_hw.oplog import configure_logging
@@ -81,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_hsm.register(commands)
     cli_config.register(commands)
     cli_transfer.register(commands)
+    cli_gateway.register(commands)
     for leaf in _leaf_parsers(parser):
         cli_config.add_config_option(leaf)
     return parser

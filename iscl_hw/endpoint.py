@@ -182,7 +182,7 @@ class Endpoint:
             self._progressed()
         elif isinstance(event, Authenticated):
             self.authenticated = event
-            log.info(
+            log.debug(
                 "%s: authenticated with key %d, block length %d",
                 self.conn.role.value,
                 event.key_index,
