@@ -27,6 +27,17 @@ if [ ${#need_debs[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${need_debs[@]}"
 fi
 
+# vpcd binds its reader ports (35963, 35964) without SO_REUSEADDR, and the
+# suite makes tens of thousands of loopback connections: an ephemeral port
+# in TIME_WAIT on 35963 or 35964 would keep a pcscd the tests start from
+# opening that reader.  Reserve them from the ephemeral range (root only).
+reserved=/proc/sys/net/ipv4/ip_local_reserved_ports
+if [ "$(id -u)" -eq 0 ] && [ -w "$reserved" ] && ! grep -q 35963 "$reserved"; then
+    current=$(cat "$reserved")
+    echo "${current:+$current,}35963-35964" > "$reserved" \
+        || echo "test.sh: could not reserve ports 35963-35964" >&2
+fi
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test,pcsc,pkcs11]'
