@@ -998,3 +998,14 @@ def test_the_documented_examples_are_valid(tmp_path: Path) -> None:
         load_site_config(write(tmp_path, softcard, "soft.toml")).backend,
         SoftcardBackend,
     )
+
+
+def test_the_deployment_guide_site_files_parse() -> None:
+    """The site files docs/deployment.md shows are valid."""
+    import re
+
+    guide = Path(__file__).parent.parent / "docs" / "deployment.md"
+    blocks = re.findall(r"```toml\n(.*?)```", guide.read_text(), re.S)
+    assert len(blocks) == 2
+    roles = [parse_site_config(block).role.value for block in blocks]
+    assert roles == ["server", "client"]
