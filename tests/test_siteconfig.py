@@ -1007,5 +1007,7 @@ def test_the_deployment_guide_site_files_parse() -> None:
     guide = Path(__file__).parent.parent / "docs" / "deployment.md"
     blocks = re.findall(r"```toml\n(.*?)```", guide.read_text(), re.S)
     assert len(blocks) == 2
+    from iscl_hw.siteconfig import parse_site_config
+
     roles = [parse_site_config(block).role.value for block in blocks]
     assert roles == ["server", "client"]
