@@ -231,6 +231,8 @@ class AsyncChannel:
     async def _send(self, send_id: int) -> None:
         self._kick()
         await self._flush_or_fail()
+        # The request is on its way: encrypt while the peer answers it.
+        self._endpoint.conn.seal_ahead()
         await self._wait(lambda: self._endpoint.take_sent(send_id))
         await self._flush_or_fail()
 
@@ -353,6 +355,7 @@ class AsyncChannel:
             else:
                 await self._run_card_off_loop(request)
         await self._flush()
+        endpoint.conn.seal_ahead()
         async with self._changed:
             self._changed.notify_all()
 

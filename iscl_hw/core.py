@@ -206,6 +206,19 @@ class _Outgoing:
 
 
 @dataclass
+class _Sealed:
+    """A message sealed before the peer accepted its transmission request,
+    and what to roll back if the peer refuses it."""
+
+    send_id: int
+    protection: Protection
+    random: bytes  # the session-key random number (key index 0x10), else b""
+    body: bytes
+    mac: bytes
+    iv_before: bytes
+
+
+@dataclass
 class _Incoming:
     protection: Protection
     key_index: int
@@ -249,6 +262,8 @@ class Connection:
         self._tx_queue: collections.deque[_Outgoing] = collections.deque()
         self._tx_current: _Outgoing | None = None
         self._tx_protection: Protection | None = None
+        self._tx_sealed: _Sealed | None = None
+        self._tx_seal_error: IsclError | None = None
         self._tx_chain = ChainState()
         self._next_send_id = 1
         self._rx = _Rx.IDLE
@@ -760,17 +775,71 @@ class Connection:
                 f"peer acknowledged length {length}, we asked for {len(outgoing.data)}",
                 ErrorCode.BAD_LENGTH,
             )
+        if self._tx_seal_error is not None:
+            raise self._tx_seal_error
+        sealed = self._tx_sealed
+        if sealed is not None:
+            protection, random = sealed.protection, sealed.random
+        else:
+            protection, random = self._new_tx_protection()
+        self._tx_protection = protection
         if self.settings.encryption_key_index == UNIQUE_SESSION_KEYS:
-            random = self.settings.random_bytes(CHALLENGE_LENGTH)
-            protection = self._own_protection()
-            if protection.needs_key:
-                protection = _with_key(protection, self._session_key(random))
-            self._tx_protection = protection
             self._tx = _Tx.WAIT_RANDOM_RP
             self._write(MessageId.RNDNO_FOR_SESSION_KEY_RQ, random)
             return
-        self._tx_protection = self._own_protection(self._own_key_if_needed())
         self._transmit(outgoing)
+
+    def _new_tx_protection(self) -> tuple[Protection, bytes]:
+        """Our protection for the next message, and its session-key random
+        number (b"" unless key index 0x10)."""
+        if self.settings.encryption_key_index != UNIQUE_SESSION_KEYS:
+            return self._own_protection(self._own_key_if_needed()), b""
+        random = self.settings.random_bytes(CHALLENGE_LENGTH)
+        protection = self._own_protection()
+        if protection.needs_key:
+            protection = _with_key(protection, self._session_key(random))
+        return protection, random
+
+    def seal_ahead(self) -> None:
+        """Encrypt and MAC the message whose transmission request is out,
+        before the peer answers it.
+
+        A driver calls this once that request is written, so our encryption
+        runs while the peer is still decrypting our previous message; the
+        frames are written only when the peer accepts.  If it refuses, the
+        chain goes back to where it was.  Optional: without it the message
+        is sealed when the acceptance arrives.  A failure here waits for
+        the peer's answer: an acceptance then fails the connection with it.
+        """
+        outgoing = self._tx_current
+        if (
+            self._tx is not _Tx.WAIT_RP
+            or outgoing is None
+            or outgoing.through
+            or self._tx_sealed is not None
+            or self._tx_seal_error is not None
+        ):
+            return
+        try:
+            protection, random = self._new_tx_protection()
+            iv_before = self._tx_chain.iv
+            body, mac = protection.seal(outgoing.data, self._tx_chain)
+        except IsclError as exc:
+            self._tx_seal_error = exc
+            return
+        self._tx_sealed = _Sealed(
+            outgoing.send_id, protection, random, body, mac, iv_before
+        )
+
+    def _unseal(self) -> None:
+        """Forget a refused message's sealing; roll its chain back."""
+        sealed, self._tx_sealed = self._tx_sealed, None
+        self._tx_seal_error = None
+        if sealed is not None:
+            self._tx_chain.iv = sealed.iv_before
+        if self.settings.encryption_key_index == UNIQUE_SESSION_KEYS:
+            _discard_key(sealed.protection if sealed else self._tx_protection)
+        self._tx_protection = None
 
     def _on_random_rp(self, frame: Frame) -> None:
         outgoing = self._expect_tx(_Tx.WAIT_RANDOM_RP, frame)
@@ -798,6 +867,7 @@ class Connection:
             outgoing.send_id,
             code.name,
         )
+        self._unseal()
         self._tx = _Tx.IDLE
         self._tx_current = None
         self._emit(SendRefused(outgoing.send_id, code, length))
@@ -805,7 +875,11 @@ class Connection:
 
     def _transmit(self, outgoing: _Outgoing) -> None:
         assert self._tx_protection is not None
-        body, mac = self._tx_protection.seal(outgoing.data, self._tx_chain)
+        sealed, self._tx_sealed = self._tx_sealed, None
+        if sealed is not None and sealed.send_id == outgoing.send_id:
+            body, mac = sealed.body, sealed.mac
+        else:
+            body, mac = self._tx_protection.seal(outgoing.data, self._tx_chain)
         block = self.block_length
         for start in range(0, len(body), block):
             self._write(
@@ -1034,6 +1108,8 @@ class Connection:
         """A message cut short leaves its session key behind: destroy it."""
         if self.settings.encryption_key_index == UNIQUE_SESSION_KEYS:
             _discard_key(self._tx_protection)
+            if self._tx_sealed is not None:
+                _discard_key(self._tx_sealed.protection)
         incoming = self._rx_current
         if incoming is not None and incoming.key_index == UNIQUE_SESSION_KEYS:
             _discard_key(incoming.protection)

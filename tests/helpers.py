@@ -303,7 +303,9 @@ class ConnectionPair:
         span_wait: float = 0.0,
         client_arbiter: CardArbiter | None = None,
         server_arbiter: CardArbiter | None = None,
+        seal_ahead: bool = False,
     ) -> None:
+        self.seal_ahead = seal_ahead
         self.cards = cards if cards is not None else make_cards()
         shared = keys if keys is not None else make_keys()
         self.keys = shared
@@ -438,6 +440,8 @@ class ConnectionPair:
         progressed = False
         if side.alive and side.error is None:
             side.outbox += side.conn.data_to_send()
+            if self.seal_ahead:  # as the asyncio driver does after a write
+                side.conn.seal_ahead()
         peer = self.peer(side)
         for raw in split_frames(side.outbox, self.order):
             limit = self._vanish_after.get(side.name)

@@ -869,3 +869,45 @@ def test_session_random_refused_by_nak() -> None:
     )
     assert conn.next_event() == SendRefused(send_id, ErrorCode.RECEIVED_NAK, None)
     assert conn.phase is Phase.MESSAGES
+
+
+# -- sealing ahead ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("iv_policy", list(IvPolicy))
+@pytest.mark.parametrize("key_index", [1, UNIQUE_SESSION_KEYS])
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_sealed_ahead_messages_arrive_in_both_directions(
+    combo: str, key_index: int, iv_policy: IvPolicy
+) -> None:
+    settings = settings_for(combo, encryption_key_index=key_index, iv_policy=iv_policy)
+    pair = ConnectionPair(
+        client_settings=settings, server_settings=settings, seal_ahead=True
+    ).handshake()
+    sent = {CLIENT: [payload(n, 1) for n in (1, 300, 0, 1000)]}
+    sent[SERVER] = [payload(n, 2) for n in (999, 8, 1)]
+    for name, messages in sent.items():
+        for message in messages:
+            pair.send(name, message)
+    pair.run()
+    assert pair.server.received == sent[CLIENT]
+    assert pair.client.received == sent[SERVER]
+
+
+@pytest.mark.parametrize("key_index", [1, UNIQUE_SESSION_KEYS])
+def test_a_refused_message_sealed_ahead_rolls_its_chain_back(key_index: int) -> None:
+    """The peer refuses a message already sealed; the next one must be sealed
+    from the chain as it was, or its MAC fails at the peer."""
+    client = Settings(encryption_key_index=key_index)
+    server = Settings(max_message_length=500)
+    pair = ConnectionPair(
+        client_settings=client, server_settings=server, seal_ahead=True
+    ).handshake()
+    first, too_long, after = payload(100), payload(501), payload(400)
+    pair.send(CLIENT, first)
+    refused = pair.send(CLIENT, too_long)
+    pair.send(CLIENT, after)
+    events = pair.run()
+    refusals = [e for e in events[CLIENT] if isinstance(e, SendRefused)]
+    assert [r.send_id for r in refusals] == [refused]
+    assert pair.server.received == [first, after]
