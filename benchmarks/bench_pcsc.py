@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import statistics
 import subprocess
@@ -31,7 +32,9 @@ from pathlib import Path
 
 from bench_core import time_handshakes
 
+from iscl_hw import aio
 from iscl_hw.constants import KEY_INDEXES
+from iscl_hw.errors import IsclError
 from iscl_hw.keyfile import KeyStore
 from iscl_hw.pcsc import (
     VPCD_PORTS,
@@ -106,7 +109,84 @@ def bench_apdus(card: PcscCard, count: int) -> list[float]:
     return times
 
 
+# -- the peers in two processes, as two sites are -------------------------------
+
+
+def serve_peer(reader: str) -> None:
+    """Server peer of ``--peers processes``: the card in ``reader``, the
+    encryption keys as JSON on standard input; prints its port, serves until
+    standard input closes."""
+    enc = {
+        int(i): bytes.fromhex(k) for i, k in json.loads(sys.stdin.readline()).items()
+    }
+
+    async def handle(channel: aio.AsyncChannel) -> None:
+        with contextlib.suppress(IsclError):
+            await channel.recv_message()
+
+    async def run() -> None:
+        card = PcscCard(reader, card_timeout=5)
+        server = await aio.start_server(
+            handle, "127.0.0.1", 0, card=card, keys=KeyStore(enc)
+        )
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        server.close()
+        await server.wait_closed()
+        card.close()
+
+    asyncio.run(run())
+
+
+def two_process_handshakes(profile: str, count: int) -> list[float]:
+    """Handshakes with the server peer in a process of its own and both cards
+    served by ``iscl card serve`` processes."""
+    auth = {index: os.urandom(8) for index in KEY_INDEXES}
+    enc = {index: os.urandom(8) for index in KEY_INDEXES}
+    with contextlib.ExitStack() as stack:
+        if not pcscd_running():
+            child = stack.enter_context(PcscdChild())
+            print(f"started pcscd, PID {child.pid}")
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        for port in VPCD_PORTS:
+            stack.enter_context(_serve_process(directory, auth, profile, port))
+        client_card = PcscCard(VPCD_READERS[1], card_timeout=5)
+        stack.callback(client_card.close)
+        server = subprocess.Popen(
+            [sys.executable, __file__, "serve-peer", VPCD_READERS[0]],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdin is not None and server.stdout is not None
+        server.stdin.write(json.dumps({i: k.hex() for i, k in enc.items()}) + "\n")
+        server.stdin.flush()
+        try:
+            port = int(server.stdout.readline())
+            keys = KeyStore(enc)
+            asyncio.run(_client_handshakes(port, client_card, keys, 10))
+            return asyncio.run(_client_handshakes(port, client_card, keys, count))
+        finally:
+            server.stdin.close()
+            server.wait(10)
+
+
+async def _client_handshakes(
+    port: int, card: PcscCard, keys: KeyStore, count: int
+) -> list[float]:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        channel = await aio.open_connection("127.0.0.1", port, card=card, keys=keys)
+        times.append(time.perf_counter() - started)
+        await channel.close()
+    return times
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["serve-peer"]:
+        serve_peer(sys.argv[2])
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--apdus", type=int, default=1000)
     parser.add_argument("--handshakes", type=int, default=200)
@@ -118,7 +198,22 @@ def main() -> None:
         help="serve the soft cards from this process or from two "
         "'iscl card serve' processes",
     )
+    parser.add_argument(
+        "--peers",
+        choices=["one", "two"],
+        default="one",
+        help="both ISCL peers in this process (one), or the server peer in a "
+        "process of its own and both cards served by 'iscl card serve' (two)",
+    )
     args = parser.parse_args()
+    if args.peers == "two":
+        shakes = two_process_handshakes(args.profile, args.handshakes)
+        print(
+            f"handshake x{args.handshakes}, both cards behind pcscd, peers in two "
+            f"processes: median {statistics.median(shakes) * 1000:.2f} ms, "
+            f"p90 {_ms(shakes, 90):.2f} ms (target median < 5 ms)"
+        )
+        return
     processes = args.bridges == "processes"
     print(f"cards served by {args.bridges}")
     with cards(args.profile, processes) as (server, client, keys):
