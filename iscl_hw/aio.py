@@ -45,7 +45,7 @@ from iscl_hw.oplog import audit_authentication
 from iscl_hw.ratelimit import FailureLimiter
 from iscl_hw.settings import KeyProvider, Settings
 
-__all__ = ["AsyncChannel", "open_connection", "start_server"]
+__all__ = ["AsyncChannel", "never_spoke", "open_connection", "start_server"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,13 @@ def _worker_for(card: Card) -> _CardWorker:
         if worker is None:
             worker = _WORKERS[card] = _CardWorker(card.name)
         return worker
+
+
+def never_spoke(connection: Connection, error: BaseException | None) -> bool:
+    """True when a server's peer closed or went silent before sending one
+    ISCL frame: a port probe or a health check, not a failed authentication,
+    so neither the failure limit nor the audit trail counts it."""
+    return isinstance(error, ConnectionLost) and connection.frames_received == 0
 
 
 def _blocks(card: Card) -> bool:
@@ -539,6 +546,9 @@ async def start_server(
         except IsclError as exc:
             # A peer that fails, stalls or vanishes mid-handshake has held
             # our card; only our own card's trouble is not held against it.
+            if never_spoke(channel.connection, exc):
+                log.info("%s left without a word of ISCL: %s", peer, exc)
+                return False
             if not isinstance(exc, CardError):
                 limiter.failure(peer)
             log.debug("handshake with %s failed: %s", peer, exc)

@@ -15,6 +15,9 @@ SIGTERM or Ctrl-C stops accepting and lets transfers finish for the site's
 from __future__ import annotations
 
 import argparse
+import asyncio
+import ipaddress
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -35,6 +38,9 @@ __all__ = ["cmd_serve", "cmd_tunnel", "register"]
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 2
+EXIT_INTERRUPTED: Final = 130
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -141,8 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(
                 f"iscl serve: ISCL on {host}:{port}, relayed to {forward}", flush=True
             )
-            await server.serve(None, stopper.requested)
-        return EXIT_OK
+            return await _serve_until_stopped(server, stopper)
 
     return _run_gateway("serve", main)
 
@@ -174,10 +179,33 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
                 f"{connect}",
                 flush=True,
             )
-            await tunnel.serve(None, stopper.requested)
-        return EXIT_OK
+            if not _is_loopback(host):
+                log.warning(
+                    "tunnel: plain (unencrypted) DICOM is accepted on %s from the "
+                    "network; anyone who reaches it sends with this site's card",
+                    host,
+                )
+            return await _serve_until_stopped(tunnel, stopper)
 
     return _run_gateway("tunnel", main)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def _serve_until_stopped(gate: gateway.Gateway, stopper: _Stopper) -> int:
+    """Serve until the first signal, then stop gracefully; a second signal
+    closes everything at once (exit 130)."""
+    try:
+        await gate.serve(None, stopper.requested)
+    except asyncio.CancelledError:
+        log.warning("second signal: connections closed without waiting")
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 def _run_gateway(command: str, main: Callable[[_Stopper], Awaitable[int]]) -> int:

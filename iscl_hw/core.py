@@ -249,6 +249,8 @@ class Connection:
         self.peer_version: int | None = None
         self.auth_key_index = settings.auth_key_index
         self.peer_auth_data: bytes | None = None
+        #: Whole frames received from the peer (0: it has said nothing ISCL).
+        self.frames_received = 0
         self.peer_encryption: int | None = None
         self.peer_mac: int | None = None
         self.peer_requested_length: int | None = None
@@ -352,6 +354,7 @@ class Connection:
                         f"peer closed the connection during {self._phase.value}"
                     )
                 return NEED_DATA
+            self.frames_received += 1
             self._log_frame("<<", frame.message_id, len(frame.payload), frame.option)
             self._dispatch(frame)
         return self._events.popleft()

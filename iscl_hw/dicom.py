@@ -87,6 +87,7 @@ from iscl_hw.errors import (
     RemoteProtocolError,
     TransmissionRefused,
 )
+from iscl_hw.oplog import audit_authentication
 from iscl_hw.ratelimit import FailureLimiter
 from iscl_hw.settings import KeyProvider, Settings
 
@@ -464,10 +465,30 @@ class IsclLine:
         )
         try:
             await channel.handshake()
-        except BaseException:
+        except BaseException as exc:
             await channel.abort()
+            if isinstance(exc, IsclError):
+                self._audit_failure(channel, exc)
             raise
+        audit_authentication(
+            self.peer_address,
+            channel.connection.auth_key_index,
+            True,
+            role=self.role.value,
+        )
         return channel
+
+    def _audit_failure(self, channel: aio.AsyncChannel, exc: IsclError) -> None:
+        if self.role is Role.SERVER and aio.never_spoke(channel.connection, exc):
+            exc.silent = True  # type: ignore[attr-defined]
+            return
+        audit_authentication(
+            self.peer_address,
+            channel.connection.auth_key_index,
+            False,
+            str(exc),
+            role=self.role.value,
+        )
 
     async def _relay(self, channel: aio.AsyncChannel) -> None:
         """Relay until one side ends; closes the line the way it ended."""
@@ -834,12 +855,15 @@ class IsclAssociationServer(ThreadedAssociationServer):
         if established:
             options.limiter.success(peer)
             return line.app_socket
+        if getattr(line.error, "silent", False):
+            log.info("%s left without a word of ISCL: %s", peer, line.error)
+            line.app_socket.close()
+            return None
         # A peer that fails, stalls or vanishes mid-handshake has held our
         # card; only our own card's trouble, or our shutdown, is not held
         # against it.
         if not self._closing and not isinstance(line.error, CardError):
             options.limiter.failure(peer)
-        log.warning("ISCL handshake with %s failed: %s", peer, line.error)
         line.app_socket.close()
         return None
 

@@ -444,9 +444,9 @@ def _failure_text(exc: BaseException) -> str:
 
 
 def _level_of(exc: BaseException | None) -> int:
-    if isinstance(exc, AuthenticationError | IntegrityError):
-        return logging.WARNING
-    return logging.INFO
+    """WARNING for every failure (an operator at WARNING must see a PACS
+    that is down or a timeout), INFO for a clean end."""
+    return logging.INFO if exc is None else logging.WARNING
 
 
 # -- gateways --------------------------------------------------------------------------
@@ -495,7 +495,8 @@ class _Connection:
 
     def failed(self, exc: BaseException) -> None:
         self.ending = _failure_text(exc)
-        self.level = logging.WARNING
+        # A probe that never spoke ISCL (a health check) is no failure.
+        self.level = logging.INFO if getattr(exc, "silent", False) else logging.WARNING
 
     def close(self) -> None:
         if self.relay is not None:
@@ -774,8 +775,9 @@ class _ServerGateway(Gateway):
                     raise _Refused("too many failed handshakes")
                 channel = await _handshake(self._channel(streams, Role.SERVER), peer)
         except IsclError as exc:
-            # Our own card's trouble is not held against the peer.
-            if not isinstance(exc, CardError):
+            # Our own card's trouble, and a probe that never spoke ISCL, are
+            # not held against the peer.
+            if not isinstance(exc, CardError) and not getattr(exc, "silent", False):
                 self._limiter.failure(host)
             raise
         self._limiter.success(host)
@@ -817,7 +819,10 @@ async def _handshake(channel: aio.AsyncChannel, peer: str) -> aio.AsyncChannel:
     except BaseException as exc:
         await channel.abort()
         if isinstance(exc, IsclError):
-            audit_authentication(peer, key_index, False, str(exc), role=role)
+            if aio.never_spoke(channel.connection, exc):
+                exc.silent = True  # type: ignore[attr-defined]
+            else:
+                audit_authentication(peer, key_index, False, str(exc), role=role)
         raise
     audit_authentication(peer, key_index, True, role=role)
     return channel

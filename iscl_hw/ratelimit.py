@@ -10,11 +10,14 @@ seconds, its new connections are refused for ``cooldown`` seconds.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable
 
 __all__ = ["FailureLimiter"]
+
+log = logging.getLogger(__name__)
 
 
 class FailureLimiter:
@@ -53,6 +56,13 @@ class FailureLimiter:
             if len(times) >= self.max_failures:
                 self._blocked_until[peer] = now + self.cooldown
                 del self._failures[peer]
+                log.warning(
+                    "refusing %s for %g s after %d failed handshakes in %g s",
+                    peer,
+                    self.cooldown,
+                    self.max_failures,
+                    self.window,
+                )
 
     def success(self, peer: str) -> None:
         with self._lock:

@@ -171,7 +171,8 @@ def test_silent_peer_times_out_on_aio_server(caplog: pytest.LogCaptureFixture) -
     errors = [
         r.args[1]
         for r in caplog.records
-        if r.msg.startswith("handshake with") and isinstance(r.args, tuple)
+        if r.msg.startswith(("handshake with", "%s left without"))
+        and isinstance(r.args, tuple)
     ]
     assert len(errors) == 1
     assert isinstance(errors[0], PeerTimeout)
@@ -486,10 +487,10 @@ async def stall_after_pass1(port: int) -> None:
         await writer.wait_closed()
 
 
-@pytest.mark.parametrize("stall", [stall_silently, stall_after_pass1])
-def test_stalled_handshakes_get_a_peer_blocked(
-    stall: Callable[[int], Awaitable[None]],
-) -> None:
+def test_stalled_handshakes_get_a_peer_blocked() -> None:
+    """A peer that takes our challenge (our card's span) and stalls is
+    blocked after max_failures."""
+    stall = stall_after_pass1
     cards, keys = make_cards(), make_keys()
     limiter = FailureLimiter(max_failures=2, window=60.0, cooldown=60.0)
 
@@ -514,6 +515,41 @@ def test_stalled_handshakes_get_a_peer_blocked(
             await settle()
 
     asyncio.run(scenario())
+
+
+def test_peers_that_never_speak_iscl_are_not_blocked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Connect-and-wait or connect-and-close (a health check, a port scan)
+    never reaches the card: neither a failure nor an audit record."""
+    caplog.set_level(logging.INFO, logger="iscl.audit")
+    cards, keys = make_cards(), make_keys()
+    limiter = FailureLimiter(max_failures=2, window=60.0, cooldown=60.0)
+
+    async def scenario() -> None:
+        async with serving(
+            echo([]),
+            cards.server,
+            keys,
+            timeouts=Timeouts(handshake=SHORT),
+            limiter=limiter,
+        ) as port:
+            for _ in range(3):
+                await stall_silently(port)
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                await writer.wait_closed()
+                await settle()
+            assert not limiter.blocked("127.0.0.1")
+            channel = await aio.open_connection(
+                "127.0.0.1", port, card=cards.client, keys=keys
+            )
+            await channel.close()
+            await settle()
+
+    asyncio.run(scenario())
+    outcomes = [r.__dict__["outcome"] for r in caplog.records if r.name == "iscl.audit"]
+    assert outcomes == ["success"]
 
 
 def test_connection_waiting_for_a_slot_is_refused_once_its_peer_is_blocked() -> None:

@@ -4,6 +4,7 @@ server gateway, plain TCP into the tunnel."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,7 +78,7 @@ def echo_port() -> Iterator[int]:
                 conn, _ = listener.accept()
             except TimeoutError:
                 continue
-            with conn:
+            with conn, contextlib.suppress(OSError):  # a reset from the gateway
                 while chunk := conn.recv(65536):
                     conn.sendall(chunk)
 
@@ -138,3 +140,74 @@ def test_missing_forward_address_is_a_clear_error(
     assert "--forward is neither on the command line nor in the site file" in (
         done.stderr
     )
+
+
+def test_a_second_sigterm_closes_at_once_without_a_traceback(
+    card_options: dict[str, list[str]], echo_port: int
+) -> None:
+    server = Gateway(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        f"127.0.0.1:{echo_port}",
+        *card_options["server"],
+    )
+    tunnel = Gateway(
+        "tunnel",
+        "--listen",
+        "127.0.0.1:0",
+        "--connect",
+        f"127.0.0.1:{server.port}",
+        *card_options["client"],
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", tunnel.port), timeout=30) as plain:
+            plain.sendall(b"held open")
+            assert plain.recv(100) == b"held open"
+            # A connection in flight makes the first SIGTERM wait (stop_grace).
+            tunnel.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert tunnel.process.poll() is None
+            code, err = tunnel.stop()
+    finally:
+        server.stop()
+    assert code == 130, err
+    assert "Traceback" not in err
+    assert "second signal" in err
+
+
+def test_probes_that_never_speak_iscl_do_not_lock_a_peer_out(
+    card_options: dict[str, list[str]], echo_port: int
+) -> None:
+    """Health checks and port scans (connect, close) are not failed
+    authentications: after many of them the real peer still gets in."""
+    server = Gateway(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--forward",
+        f"127.0.0.1:{echo_port}",
+        *card_options["server"],
+    )
+    tunnel = Gateway(
+        "tunnel",
+        "--listen",
+        "127.0.0.1:0",
+        "--connect",
+        f"127.0.0.1:{server.port}",
+        *card_options["client"],
+    )
+    try:
+        for _ in range(8):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", tunnel.port), timeout=30) as plain:
+            plain.sendall(b"still welcome")
+            assert plain.recv(100) == b"still welcome"
+    finally:
+        tunnel.stop()
+        code, err = server.stop()
+    assert code == 0
+    assert "refusing 127.0.0.1" not in err
+    assert "authentication failed" not in err
