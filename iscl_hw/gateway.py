@@ -96,6 +96,10 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _STREAM_LIMIT: Final = 65536  # asyncio's default
 
 
+_MIN_MESSAGE_SIZE: Final = 1024
+_MAX_MESSAGE_SIZE: Final = 16 << 20
+
+
 @dataclass(frozen=True)
 class GatewayLimits:
     """Admission, buffering and time limits of one gateway."""
@@ -120,9 +124,16 @@ class GatewayLimits:
     stop_grace: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_connections", "max_handshakes", "message_size"):
+        for name in ("max_connections", "max_handshakes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if not _MIN_MESSAGE_SIZE <= self.message_size <= _MAX_MESSAGE_SIZE:
+            # Tiny messages cost a transmission request each (a gateway
+            # crawls); huge ones block the event loop while they are sealed.
+            raise ConfigError(
+                f"message_size must be {_MIN_MESSAGE_SIZE}..{_MAX_MESSAGE_SIZE}, "
+                f"not {self.message_size}"
+            )
         if min(self.connect_timeout, self.handshake_wait) <= 0 or self.stop_grace < 0:
             raise ConfigError(
                 "connect_timeout and handshake_wait must be positive, "

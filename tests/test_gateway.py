@@ -857,8 +857,9 @@ def test_serve_functions_run_until_stop() -> None:
 
 
 def test_limits_are_checked() -> None:
-    with pytest.raises(ConfigError):
-        GatewayLimits(message_size=0)
+    for size in (0, 1, 1023, (16 << 20) + 1):
+        with pytest.raises(ConfigError, match="message_size"):
+            GatewayLimits(message_size=size)
     with pytest.raises(ConfigError):
         GatewayLimits(idle_timeout=0)
     with pytest.raises(ConfigError):
