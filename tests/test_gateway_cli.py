@@ -90,9 +90,10 @@ def echo_port() -> Iterator[int]:
     listener.close()
 
 
-def test_bytes_cross_both_gateways_and_sigterm_stops_them(
+def start_pair(
     card_options: dict[str, list[str]], echo_port: int
-) -> None:
+) -> tuple[Gateway, Gateway]:
+    """A server gateway in front of the echo service, and a tunnel to it."""
     server = Gateway(
         "serve",
         "--listen",
@@ -109,6 +110,13 @@ def test_bytes_cross_both_gateways_and_sigterm_stops_them(
         f"127.0.0.1:{server.port}",
         *card_options["client"],
     )
+    return server, tunnel
+
+
+def test_bytes_cross_both_gateways_and_sigterm_stops_them(
+    card_options: dict[str, list[str]], echo_port: int
+) -> None:
+    server, tunnel = start_pair(card_options, echo_port)
     try:
         payload = os.urandom(300_000)
         with socket.create_connection(("127.0.0.1", tunnel.port), timeout=30) as plain:
@@ -145,22 +153,7 @@ def test_missing_forward_address_is_a_clear_error(
 def test_a_second_sigterm_closes_at_once_without_a_traceback(
     card_options: dict[str, list[str]], echo_port: int
 ) -> None:
-    server = Gateway(
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--forward",
-        f"127.0.0.1:{echo_port}",
-        *card_options["server"],
-    )
-    tunnel = Gateway(
-        "tunnel",
-        "--listen",
-        "127.0.0.1:0",
-        "--connect",
-        f"127.0.0.1:{server.port}",
-        *card_options["client"],
-    )
+    server, tunnel = start_pair(card_options, echo_port)
     try:
         with socket.create_connection(("127.0.0.1", tunnel.port), timeout=30) as plain:
             plain.sendall(b"held open")
@@ -182,22 +175,7 @@ def test_probes_that_never_speak_iscl_do_not_lock_a_peer_out(
 ) -> None:
     """Health checks and port scans (connect, close) are not failed
     authentications: after many of them the real peer still gets in."""
-    server = Gateway(
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--forward",
-        f"127.0.0.1:{echo_port}",
-        *card_options["server"],
-    )
-    tunnel = Gateway(
-        "tunnel",
-        "--listen",
-        "127.0.0.1:0",
-        "--connect",
-        f"127.0.0.1:{server.port}",
-        *card_options["client"],
-    )
+    server, tunnel = start_pair(card_options, echo_port)
     try:
         for _ in range(8):
             socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
