@@ -70,7 +70,7 @@ def _add_import_key(
         "from standard input with '--key-file -'; never from the command line.",
     )
     _add_token_options(parser)
-    parser.add_argument("--kind", required=True, choices=[k.value for k in _kinds()])
+    parser.add_argument("--kind", required=True, choices=["auth", "enc"])
     parser.add_argument("--index", required=True, type=int, choices=range(1, 9))
     parser.add_argument(
         "--key-file", required=True, metavar="PATH", help="file with the key, or -"
@@ -167,12 +167,6 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     print("to use it, export:")
     print(f"  export {softhsm.CONF_ENV}={shlex.quote(str(conf))}")
     return EXIT_OK
-
-
-def _kinds() -> list[Any]:
-    from iscl_hw.hsm import KeyKind
-
-    return list(KeyKind)
 
 
 def _open_token(args: argparse.Namespace) -> Any:

@@ -135,3 +135,19 @@ def test_python_dash_m_runs_the_cli() -> None:
     )
     assert done.returncode == 0
     assert done.stdout.startswith("iscl ")
+
+
+def test_the_demo_needs_no_optional_backend() -> None:
+    """`pip install .` brings neither python-pkcs11, pyscard nor pynetdicom:
+    the command line must build and the demo run without them."""
+    import subprocess
+    import sys
+
+    optional = ("pkcs11", "smartcard", "pynetdicom")
+    blocked = f"import sys; [sys.modules.__setitem__(m, None) for m in {optional}]"
+    code = f"{blocked}; from iscl_hw.cli import main; sys.exit(main(['demo']))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "identical: the file arrived intact" in done.stdout
