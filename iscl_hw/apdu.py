@@ -334,6 +334,12 @@ def gen_verify_apdu(pin: bytes, ref: int = 0x80) -> CommandApdu:
     return CommandApdu(CLA_ISO, INS_VERIFY, 0x00, ref, pin)
 
 
+def gen_verify_status_apdu(ref: int = 0x80) -> CommandApdu:
+    """VERIFY without data (ISO/IEC 7816-4 7.5.6): asks how many tries are
+    left (63Cx) or whether the PIN is verified already (9000), using none."""
+    return CommandApdu(CLA_ISO, INS_VERIFY, 0x00, ref)
+
+
 def gen_get_response_apdu(le: int) -> CommandApdu:
     """GET RESPONSE (ISO/IEC 7816-4 7.6.1) after a 61xx status word."""
     return CommandApdu(CLA_ISO, INS_GET_RESPONSE, 0x00, 0x00, le=le)

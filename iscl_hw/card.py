@@ -16,7 +16,12 @@ from typing import Final
 from iscl_hw import apdu
 from iscl_hw.apdu import CommandApdu, ResponseApdu
 from iscl_hw.constants import CHALLENGE_LENGTH, KEY_INDEXES, ErrorCode
-from iscl_hw.errors import LocalProtocolError
+from iscl_hw.errors import (
+    AuthenticationBlocked,
+    LocalProtocolError,
+    StatusWordError,
+    VerificationFailed,
+)
 from iscl_hw.transport import DEFAULT_MAX_ROUNDS, ApduLink, RawTransport
 
 __all__ = ["ISCL_AID", "ApduCard", "ApduTransport", "Card"]
@@ -135,6 +140,7 @@ class ApduCard(Card):
         name: str = "card",
         extended_length: bool = False,
         max_rounds: int = DEFAULT_MAX_ROUNDS,
+        allow_last_pin_try: bool = False,
     ) -> None:
         self.name = name
         self._transport = transport
@@ -148,6 +154,7 @@ class ApduCard(Card):
         self._closed = False
         apdu.parse_select_resp(self._exchange(apdu.gen_select_aid_apdu(aid), "SELECT"))
         if pin is not None:
+            self._check_pin_tries(allow_last_pin_try)
             resp = self._exchange(apdu.gen_verify_apdu(pin), "VERIFY")
             apdu.parse_verify_resp(resp)
 
@@ -188,6 +195,30 @@ class ApduCard(Card):
         close = getattr(self._transport, "close", None)
         if callable(close):
             close()
+
+    def _check_pin_tries(self, allow_last: bool) -> None:
+        """Refuse to spend the card's last PIN try: a wrong PIN file read at
+        every restart (a service manager restarting us) would block the card.
+
+        A card that does not report its tries (no 63Cx to VERIFY without
+        data) is verified as before.
+        """
+        resp = self._exchange(apdu.gen_verify_status_apdu(), "VERIFY (tries left)")
+        try:
+            apdu.parse_verify_resp(resp)
+        except AuthenticationBlocked:
+            raise
+        except VerificationFailed as exc:
+            if exc.retries_left == 1 and not allow_last:
+                raise VerificationFailed(
+                    f"card {self.name!r} has one PIN try left; iscl does not "
+                    "spend the last one (verify the PIN with the card "
+                    "issuer's tool, or pass allow_last_pin_try)",
+                    exc.sw1,
+                    exc.sw2,
+                ) from None
+        except StatusWordError:
+            return
 
     def _exchange(self, command: CommandApdu, name: str) -> ResponseApdu:
         """Send ``command`` through the quirk layer; return the last answer."""

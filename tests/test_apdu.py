@@ -241,11 +241,12 @@ class ScriptedTransport:
 
 
 def test_apdu_card_selects_and_verifies(caplog: pytest.LogCaptureFixture) -> None:
-    transport = ScriptedTransport(["9000", "9000"])
+    transport = ScriptedTransport(["9000", "63C3", "9000"])
     with caplog.at_level(logging.DEBUG, logger="iscl_hw.card"):
         card = ApduCard(transport, pin=b"4711", name="test")
     assert transport.sent == [
         bytes.fromhex("00A4040007F06973636C0001"),
+        bytes.fromhex("00200080"),  # tries left, using none
         bytes.fromhex("0020008004") + b"4711",
     ]
     assert "VERIFY" in caplog.text
@@ -291,3 +292,32 @@ def test_apdu_card_short_answer() -> None:
     card = ApduCard(transport)
     with pytest.raises(CardCommunicationError):
         card.get_challenge()
+
+
+@pytest.mark.parametrize(
+    ("status", "verifies"),
+    [("63C3", True), ("63C2", True), ("6A88", True), ("9000", True), ("63C1", False)],
+)
+def test_the_last_pin_try_is_never_spent(status: str, verifies: bool) -> None:
+    """VERIFY without data first: with one try left (63C1) the PIN is not
+    sent; a card that does not report its tries is verified as before."""
+    transport = ScriptedTransport(["9000", status, "9000"])
+    if verifies:
+        ApduCard(transport, pin=b"4711")
+        assert transport.sent[-1] == bytes.fromhex("0020008004") + b"4711"
+    else:
+        with pytest.raises(VerificationFailed, match="one PIN try left"):
+            ApduCard(transport, pin=b"4711")
+        assert len(transport.sent) == 2
+        ApduCard(
+            ScriptedTransport(["9000", status, "9000"]),
+            pin=b"4711",
+            allow_last_pin_try=True,
+        )
+
+
+def test_a_blocked_pin_is_reported_before_a_try() -> None:
+    transport = ScriptedTransport(["9000", "6983"])
+    with pytest.raises(AuthenticationBlocked):
+        ApduCard(transport, pin=b"4711")
+    assert len(transport.sent) == 2

@@ -385,7 +385,24 @@ def test_apdu_card_over_softcard() -> None:
 def test_apdu_card_wrong_pin_and_blocked() -> None:
     soft = SoftCard(new_card_state({1: KEY1}, pin=PIN, max_retries=1))
     with pytest.raises(AuthenticationBlocked):
-        ApduCard(soft, pin=b"0000")
+        ApduCard(soft, pin=b"0000", allow_last_pin_try=True)
+    with pytest.raises(AuthenticationBlocked):
+        ApduCard(soft, pin=PIN)  # reported without a try
+
+
+def test_apdu_card_keeps_the_last_pin_try() -> None:
+    """Wrong PINs at every restart (a bad PIN file under a service manager)
+    stop one try short of blocking the card."""
+    soft = SoftCard(new_card_state({1: KEY1}, pin=PIN, max_retries=3))
+    for _ in range(2):
+        with pytest.raises(VerificationFailed):
+            ApduCard(soft, pin=b"0000")
+    for pin in (b"0000", PIN):
+        with pytest.raises(VerificationFailed, match="one PIN try left"):
+            ApduCard(soft, pin=pin)
+    assert soft.state.pin is not None and soft.state.pin.remaining == 1
+    ApduCard(soft, pin=PIN, allow_last_pin_try=True)
+    assert soft.state.pin.remaining == 3
 
 
 def test_transmit_is_thread_safe() -> None:
