@@ -50,7 +50,7 @@ __all__ = [
     "unavailable_reason",
 ]
 
-_WAIT: float = 5.0
+_WAIT: float = 10.0
 _POLL: float = 0.01
 
 
