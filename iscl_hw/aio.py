@@ -33,6 +33,7 @@ from iscl_hw.errors import (
     ConnectionLost,
     IsclError,
     LineClosed,
+    PeerNeverSpoke,
     PeerRefusedClose,
     PeerTimeout,
 )
@@ -45,7 +46,7 @@ from iscl_hw.oplog import audit_authentication
 from iscl_hw.ratelimit import FailureLimiter
 from iscl_hw.settings import KeyProvider, Settings
 
-__all__ = ["AsyncChannel", "never_spoke", "open_connection", "start_server"]
+__all__ = ["AsyncChannel", "open_connection", "start_server"]
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,6 @@ def _worker_for(card: Card) -> _CardWorker:
         return worker
 
 
-def never_spoke(connection: Connection, error: BaseException | None) -> bool:
-    """True when a server's peer closed or went silent before sending one
-    ISCL frame: a port probe or a health check, not a failed authentication,
-    so neither the failure limit nor the audit trail counts it."""
-    return isinstance(error, ConnectionLost) and connection.frames_received == 0
-
-
 def _blocks(card: Card) -> bool:
     """True for a card whose calls wait on I/O (``blocking_io``)."""
     return bool(getattr(card, "blocking_io", False))
@@ -222,7 +216,13 @@ class AsyncChannel:
     async def handshake(self) -> None:
         """Run line connection and mutual authentication."""
         self._task = asyncio.create_task(self._run())
-        await self._wait(lambda: self._endpoint.authenticated is not None)
+        try:
+            await self._wait(lambda: self._endpoint.authenticated is not None)
+        except ConnectionLost as exc:
+            conn = self._endpoint.conn
+            if conn.role is Role.SERVER and conn.frames_received == 0:
+                raise PeerNeverSpoke(f"peer sent no ISCL frame: {exc}") from exc
+            raise
 
     # -- messages -------------------------------------------------------------
 
@@ -546,7 +546,7 @@ async def start_server(
         except IsclError as exc:
             # A peer that fails, stalls or vanishes mid-handshake has held
             # our card; only our own card's trouble is not held against it.
-            if never_spoke(channel.connection, exc):
+            if isinstance(exc, PeerNeverSpoke):
                 log.info("%s left without a word of ISCL: %s", peer, exc)
                 return False
             if not isinstance(exc, CardError):

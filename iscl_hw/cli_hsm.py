@@ -178,11 +178,11 @@ def _open_token(args: argparse.Namespace) -> Any:
         raise _UsageError(
             "the PKCS#11 backend needs python-pkcs11: pip install 'iscl[pkcs11]'"
         ) from exc
-    _take_site_token(args)
-    module = args.module if args.module is not None else softhsm.find_module()
+    label, serial, module, source = _token_options(args)
+    if module is None:
+        module = softhsm.find_module()
     if not Path(module).is_file():
         raise _UsageError(f"PKCS#11 module {module}: no such file")
-    source: PinSource | None = args.site_pin
     if args.pin_env is not None:
         source = cli_pcsc.pin_from_env(args.pin_env)
     elif args.pin_file is not None:
@@ -190,28 +190,27 @@ def _open_token(args: argparse.Namespace) -> Any:
     elif source is None:
         source = cli_pcsc.pin_from_prompt("token user PIN: ")
     config = hsm.TokenConfig(
-        str(module), label=args.label, serial=args.serial, pin=source(), sessions=1
+        str(module), label=label, serial=serial, pin=source(), sessions=1
     )
     return hsm.Token(config)
 
 
-def _take_site_token(args: argparse.Namespace) -> None:
-    """Fill the token options the command line left out from the site file's
-    pkcs11 card; refuse when neither names a token."""
+def _token_options(
+    args: argparse.Namespace,
+) -> tuple[str | None, str | None, Path | None, PinSource | None]:
+    """Label, serial, module and PIN source: from the command line, else
+    from the site file's pkcs11 card; refuse when neither names a token."""
     from iscl_hw import cli_config
     from iscl_hw.siteconfig import Pkcs11Backend
 
-    args.site_pin = None
     if args.label is not None or args.serial is not None:
-        return
+        return args.label, args.serial, args.module, None
     site = cli_config.load_for_args(args)
     backend = site.backend if site is not None else None
     if not isinstance(backend, Pkcs11Backend):
         raise _UsageError("name the token: --label, --serial, or a pkcs11 --config")
-    args.label, args.serial = backend.label, backend.serial
-    if args.module is None:
-        args.module = backend.module
-    args.site_pin = backend.pin.source()
+    module = args.module if args.module is not None else backend.module
+    return backend.label, backend.serial, module, backend.pin.source()
 
 
 def _read_key(path: str) -> bytes:
@@ -250,10 +249,10 @@ def cmd_hsm_list(args: argparse.Namespace) -> int:
         with _open_token(args) as token:
             keys = token.list_keys()
             mechanisms = sorted(token.mechanisms())
-            way = token.way
+            way, name = token.way, token.name
     except (IsclError, OSError) as exc:
         return _fail("list", str(exc))
-    print(f"token {args.label or args.serial}: single DES runs as {way.name}")
+    print(f"token {name}: single DES runs as {way.name}")
     print(f"  mechanisms used: {', '.join(way.mechanisms)}")
     des = [m for m in mechanisms if "DES" in m]
     print(f"  DES mechanisms offered and allowed: {', '.join(des) or 'none'}")

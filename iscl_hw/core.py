@@ -1126,9 +1126,8 @@ class Connection:
 
 def _discard_key(protection: Protection | None) -> None:
     """Destroy a one-message session key where it lives (a token object)."""
-    discard = getattr(protection and protection.key, "discard", None)
-    if callable(discard):
-        discard()
+    if protection is not None and protection.key is not None:
+        protection.key.discard()
 
 
 def _with_key(protection: Protection, key: MessageKey) -> Protection:

@@ -84,6 +84,7 @@ from iscl_hw.errors import (
     IsclError,
     LineClosed,
     LocalProtocolError,
+    PeerNeverSpoke,
     RemoteProtocolError,
     TransmissionRefused,
 )
@@ -479,8 +480,7 @@ class IsclLine:
         return channel
 
     def _audit_failure(self, channel: aio.AsyncChannel, exc: IsclError) -> None:
-        if self.role is Role.SERVER and aio.never_spoke(channel.connection, exc):
-            exc.silent = True  # type: ignore[attr-defined]
+        if isinstance(exc, PeerNeverSpoke):
             return
         audit_authentication(
             self.peer_address,
@@ -855,7 +855,7 @@ class IsclAssociationServer(ThreadedAssociationServer):
         if established:
             options.limiter.success(peer)
             return line.app_socket
-        if getattr(line.error, "silent", False):
+        if isinstance(line.error, PeerNeverSpoke):
             log.info("%s left without a word of ISCL: %s", peer, line.error)
             line.app_socket.close()
             return None

@@ -27,6 +27,7 @@ __all__ = [
     "LineClosed",
     "LocalProtocolError",
     "PeerAuthenticationFailed",
+    "PeerNeverSpoke",
     "PeerRefusedClose",
     "PeerRejectedAuthentication",
     "PeerTimeout",
@@ -83,6 +84,12 @@ class IntegrityError(RemoteProtocolError):
 
 class ConnectionLost(RemoteProtocolError):
     """The transport ended before the ISCL conversation did."""
+
+
+class PeerNeverSpoke(ConnectionLost):
+    """A server's peer closed or went silent before sending one ISCL frame:
+    a port probe or a health check, not a failed authentication, so neither
+    the failure limit nor the audit trail counts it."""
 
 
 class PeerTimeout(ConnectionLost):

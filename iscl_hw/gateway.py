@@ -59,6 +59,7 @@ from iscl_hw.errors import (
     IsclError,
     LineClosed,
     LocalProtocolError,
+    PeerNeverSpoke,
     PeerRefusedClose,
     PeerTimeout,
     TransmissionRefused,
@@ -507,7 +508,9 @@ class _Connection:
     def failed(self, exc: BaseException) -> None:
         self.ending = _failure_text(exc)
         # A probe that never spoke ISCL (a health check) is no failure.
-        self.level = logging.INFO if getattr(exc, "silent", False) else logging.WARNING
+        self.level = (
+            logging.INFO if isinstance(exc, PeerNeverSpoke) else logging.WARNING
+        )
 
     def close(self) -> None:
         if self.relay is not None:
@@ -788,7 +791,7 @@ class _ServerGateway(Gateway):
         except IsclError as exc:
             # Our own card's trouble, and a probe that never spoke ISCL, are
             # not held against the peer.
-            if not isinstance(exc, CardError) and not getattr(exc, "silent", False):
+            if not isinstance(exc, CardError | PeerNeverSpoke):
                 self._limiter.failure(host)
             raise
         self._limiter.success(host)
@@ -829,11 +832,8 @@ async def _handshake(channel: aio.AsyncChannel, peer: str) -> aio.AsyncChannel:
         await channel.handshake()
     except BaseException as exc:
         await channel.abort()
-        if isinstance(exc, IsclError):
-            if aio.never_spoke(channel.connection, exc):
-                exc.silent = True  # type: ignore[attr-defined]
-            else:
-                audit_authentication(peer, key_index, False, str(exc), role=role)
+        if isinstance(exc, IsclError) and not isinstance(exc, PeerNeverSpoke):
+            audit_authentication(peer, key_index, False, str(exc), role=role)
         raise
     audit_authentication(peer, key_index, True, role=role)
     return channel

@@ -59,6 +59,10 @@ class MessageKey(Protocol):
         """The session key for ``random`` with this key as the base (0x10)."""
         ...
 
+    def discard(self) -> None:
+        """Destroy a derived key once its message is done (a token object)."""
+        ...
+
 
 class SoftwareKey:
     """A :class:`MessageKey` held in memory, computed with ``cryptography``.
@@ -96,6 +100,9 @@ class SoftwareKey:
             derive_session_key(self._key, random),
             derive_session_key(self._variant, random),
         )
+
+    def discard(self) -> None:
+        return
 
 
 @dataclass

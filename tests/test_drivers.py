@@ -30,6 +30,7 @@ from iscl_hw.errors import (
     ConnectionLost,
     IsclError,
     LineClosed,
+    PeerNeverSpoke,
     PeerRejectedAuthentication,
     PeerTimeout,
 )
@@ -175,7 +176,8 @@ def test_silent_peer_times_out_on_aio_server(caplog: pytest.LogCaptureFixture) -
         and isinstance(r.args, tuple)
     ]
     assert len(errors) == 1
-    assert isinstance(errors[0], PeerTimeout)
+    assert isinstance(errors[0], PeerNeverSpoke)
+    assert isinstance(errors[0].__cause__, PeerTimeout)
 
 
 def test_silent_peer_times_out_on_blocking_accept() -> None:

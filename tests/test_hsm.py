@@ -778,5 +778,6 @@ def test_hsm_commands_take_the_token_from_a_site_file(
     assert cli.main(["hsm", "list", "--config", str(site)]) == 0
     out = capsys.readouterr().out
     assert "iscl-auth-2" in out
+    assert f"token {t.label}: single DES runs as" in out
     assert cli.main(["hsm", "list"]) == 2
     assert "name the token" in capsys.readouterr().err
