@@ -7,8 +7,11 @@ send and receive whole messages.  Both directions flow at once.
 A card whose calls block (``blocking_io`` true, such as a PC/SC reader's)
 is called from a worker thread of its own, one operation after the other,
 so a reader that stops answering stalls only the connections using that
-card; each operation is bounded by :attr:`Timeouts.card`.  A card that
-answers at once (the in-process software card) is called inline.
+card; each operation is bounded by :attr:`Timeouts.card`.  The loop waits
+for an answer the handshake needs in place for up to 2 ms (a virtual card
+or a fast reader answers within), and awaits a slower one, or work the
+core asks for ahead; the end of a card span runs on the worker too.  A card
+that answers at once (the in-process software card) is called inline.
 """
 
 from __future__ import annotations
@@ -54,6 +57,66 @@ _READ_SIZE = 65536
 _CLOSE_GRACE = 1.0
 # A card's worker thread ends after this long without work.
 _WORKER_IDLE = 5.0
+# How long the loop blocks for a blocking card's answer before it awaits it
+# instead; bounds how long one card operation can hold up other connections.
+_WAIT_IN_PLACE = 0.002
+
+
+class _CardJob:
+    """One card operation handed to a worker thread.  The loop first waits a
+    moment for it in place (:meth:`wait_in_place`), then, for a slower card,
+    on an asyncio future (:meth:`future`)."""
+
+    def __init__(self, work: Callable[[], bytes]) -> None:
+        self._work = work
+        self._finished = threading.Lock()
+        self._finished.acquire()
+        self._guard = threading.Lock()
+        self._outcome: bytes | BaseException | None = None
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[bytes]] | None
+        self._waiter = None
+        #: Set when the connection gave up; a job not yet begun is skipped.
+        self.abandoned = False
+
+    def run(self) -> None:
+        """Run the operation (on the worker thread) and hand its outcome over."""
+        if self.abandoned:
+            return
+        try:
+            outcome: bytes | BaseException = self._work()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            outcome = exc
+        with self._guard:
+            self._outcome = outcome
+            waiter = self._waiter
+        self._finished.release()
+        if waiter is not None:
+            _settle_soon(*waiter, outcome)
+
+    def wait_in_place(self, seconds: float) -> bool:
+        """Block the calling thread until the job is done, at most ``seconds``."""
+        return self._finished.acquire(timeout=seconds)
+
+    def future(self) -> asyncio.Future[bytes]:
+        """A future of the running loop that the job's outcome settles."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        with self._guard:
+            outcome = self._outcome
+            if outcome is None:
+                self._waiter = (loop, future)
+                return future
+        _settle(future, outcome)
+        return future
+
+    def result(self) -> bytes:
+        """The answer of a finished job, or the error it raised."""
+        outcome = self._outcome
+        if outcome is None:
+            raise RuntimeError("card job not finished")
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
 
 class _CardWorker:
@@ -64,46 +127,52 @@ class _CardWorker:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        # A SimpleQueue and call_soon_threadsafe: half the hand-over time of
-        # a Condition and concurrent futures (measured 52 against 107 us).
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_CardJob] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._running = False
 
-    def submit(self, job: Callable[[], bytes]) -> asyncio.Future[bytes]:
-        """Queue ``job``; call from the event loop, await the result there."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
+    def submit(self, work: Callable[[], bytes]) -> _CardJob:
+        """Queue ``work`` behind the card's earlier operations."""
+        job = _CardJob(work)
         with self._lock:
-            self._jobs.put((job, loop, future))
+            self._jobs.put(job)
             if not self._running:
                 self._running = True
                 threading.Thread(
                     target=self._work, name=f"iscl-card {self._name}", daemon=True
                 ).start()
-        return future
+        return job
+
+    def post(self, action: Callable[[], None]) -> None:
+        """Queue ``action`` behind the card's earlier operations; nobody
+        waits for it (it must not raise)."""
+
+        def work() -> bytes:
+            action()
+            return b""
+
+        self.submit(work)
 
     def _work(self) -> None:
         while True:
             try:
-                job, loop, future = self._jobs.get(timeout=_WORKER_IDLE)
+                job = self._jobs.get(timeout=_WORKER_IDLE)
             except queue.Empty:
                 with self._lock:
                     if self._jobs.empty():
                         self._running = False
                         return
                 continue
-            if future.cancelled():
-                continue  # its connection gave up while it queued
-            try:
-                result = job()
-            except BaseException as exc:  # handed to the awaiting coroutine
-                _settle_soon(loop, future, exc)
-            else:
-                _settle_soon(loop, future, result)
+            job.run()
 
 
-_Job = tuple[Callable[[], bytes], asyncio.AbstractEventLoop, "asyncio.Future[bytes]"]
+def _settle(future: asyncio.Future[bytes], outcome: bytes | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _settle_soon(
@@ -112,17 +181,8 @@ def _settle_soon(
     outcome: bytes | BaseException,
 ) -> None:
     """Hand ``outcome`` to ``future`` on its loop (if it still waits)."""
-
-    def settle() -> None:
-        if future.done():
-            return
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-
     try:
-        loop.call_soon_threadsafe(settle)
+        loop.call_soon_threadsafe(_settle, future, outcome)
     except RuntimeError:
         pass  # the loop is closed: nobody waits any more
 
@@ -179,6 +239,10 @@ class AsyncChannel:
         )
         self._max_queued = max_queued_messages
         self._card_blocks = _blocks(self._endpoint.arbiter.card)
+        if self._card_blocks:
+            # The card's end of a span (a PC/SC transaction) runs on its
+            # worker thread while the loop sends the pass that follows.
+            self._endpoint.end_span_with = _worker_for(self._endpoint.arbiter.card).post
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._finished = False
@@ -283,7 +347,7 @@ class AsyncChannel:
 
     async def abort(self) -> None:
         """Close the transport at once, without line disconnection."""
-        self._endpoint.arbiter.release(self._endpoint)
+        self._endpoint.release_span()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             try:
@@ -341,7 +405,7 @@ class AsyncChannel:
             )
             raise
         finally:
-            endpoint.arbiter.release(endpoint)
+            endpoint.release_span()
             self._finished = True
             async with self._changed:
                 self._changed.notify_all()
@@ -360,6 +424,9 @@ class AsyncChannel:
             if inline:
                 endpoint.run_card(request)
             else:
+                # What the core wrote first (a pass the peer works on while
+                # our card does) leaves before the card is asked.
+                await self._flush()
                 await self._run_card_off_loop(request)
         await self._flush()
         endpoint.conn.seal_ahead()
@@ -374,8 +441,7 @@ class AsyncChannel:
         limit = endpoint.timeouts.card
         job = _worker_for(arbiter.card).submit(lambda: arbiter.run(endpoint, request))
         try:
-            async with asyncio.timeout(limit):
-                answer = await job
+            answer = await self._card_answer(job, limit, in_place=not request.ahead)
         except TimeoutError:
             assert limit is not None
             # The core logs the failure and tells the peer.
@@ -386,6 +452,26 @@ class AsyncChannel:
             endpoint.card_failed(exc)
         else:
             endpoint.card_answered(answer)
+
+    @staticmethod
+    async def _card_answer(
+        job: _CardJob, limit: float | None, *, in_place: bool
+    ) -> bytes:
+        # An answer the handshake waits for, from a card that gives it
+        # within _WAIT_IN_PLACE (a virtual card, a fast reader), is waited
+        # for on the spot: handing it back through the loop costs more than
+        # the operation.  A slower one, or work done ahead, is awaited.
+        waited = 0.0
+        if in_place:
+            waited = _WAIT_IN_PLACE if limit is None else min(limit, _WAIT_IN_PLACE)
+            if job.wait_in_place(waited):
+                return job.result()
+        future = job.future()
+        try:
+            async with asyncio.timeout(None if limit is None else limit - waited):
+                return await future
+        finally:
+            job.abandoned = True
 
     async def _backpressure(self) -> None:
         # A consumer that does not read makes us stop reading the socket, so

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 from iscl_hw import crypto
 from iscl_hw.card import Card
@@ -115,8 +116,16 @@ class CardArbiter:
         self._owner = owner
         return True
 
-    def release(self, owner: object) -> None:
-        """End ``owner``'s span (no effect if it does not hold it)."""
+    def release(
+        self,
+        owner: object,
+        *,
+        end_span_with: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
+        """End ``owner``'s span (no effect if it does not hold it).  The
+        card's own end of the span runs here, or is handed to
+        ``end_span_with`` (a blocking card's worker thread, which runs it
+        before that card's next operation)."""
         with self._state:
             if self._owner is not owner:
                 return
@@ -124,7 +133,10 @@ class CardArbiter:
             self._outstanding = b""
             begun, self._span_begun = self._span_begun, False
             if begun:
-                self._end_card_span()
+                if end_span_with is None:
+                    self._end_card_span()
+                else:
+                    end_span_with(self._end_card_span)
             self._state.notify()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, future in waiters:

@@ -118,12 +118,12 @@ class _Step(enum.Enum):
     WAIT_PASS3 = enum.auto()
     WAIT_COMPLETION = enum.auto()
     CARD_SERVER_CHALLENGE = enum.auto()
-    CARD_SERVER_PRECHECK = enum.auto()
+    CARD_SERVER_EXPECT = enum.auto()
     CARD_SERVER_EXTERNAL = enum.auto()
     CARD_SERVER_ANSWER = enum.auto()
     CARD_CLIENT_ANSWER = enum.auto()
     CARD_CLIENT_CHALLENGE = enum.auto()
-    CARD_CLIENT_PRECHECK = enum.auto()
+    CARD_CLIENT_EXPECT = enum.auto()
     CARD_CLIENT_EXTERNAL = enum.auto()
     DONE = enum.auto()
 
@@ -145,12 +145,15 @@ _HANDSHAKE_EXPECTS = {
 _SPAN_STEPS = frozenset(
     {
         _Step.CARD_SERVER_CHALLENGE,
+        _Step.CARD_SERVER_EXPECT,
         _Step.WAIT_PASS2,
-        _Step.CARD_SERVER_PRECHECK,
         _Step.CARD_SERVER_EXTERNAL,
+        # Held through the answer to the client's challenge, so that the
+        # span's end need not wait before pass 3 goes out.
+        _Step.CARD_SERVER_ANSWER,
         _Step.CARD_CLIENT_CHALLENGE,
+        _Step.CARD_CLIENT_EXPECT,
         _Step.WAIT_PASS3,
-        _Step.CARD_CLIENT_PRECHECK,
         _Step.CARD_CLIENT_EXTERNAL,
     }
 )
@@ -161,10 +164,10 @@ _CARD_FAILURE_REPORTS = {
     _Step.CARD_SERVER_CHALLENGE: (MessageId.MUTUAL_AUTH_PASS1_NOTIF, 8),
     _Step.CARD_CLIENT_ANSWER: (MessageId.MUTUAL_AUTH_PASS2_NOTIF, 16),
     _Step.CARD_CLIENT_CHALLENGE: (MessageId.MUTUAL_AUTH_PASS2_NOTIF, 16),
-    _Step.CARD_SERVER_PRECHECK: (MessageId.MUTUAL_AUTH_PASS3_NOTIF, 8),
+    _Step.CARD_SERVER_EXPECT: (MessageId.MUTUAL_AUTH_PASS3_NOTIF, 8),
     _Step.CARD_SERVER_EXTERNAL: (MessageId.MUTUAL_AUTH_PASS3_NOTIF, 8),
     _Step.CARD_SERVER_ANSWER: (MessageId.MUTUAL_AUTH_PASS3_NOTIF, 8),
-    _Step.CARD_CLIENT_PRECHECK: (MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, 0),
+    _Step.CARD_CLIENT_EXPECT: (MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, 0),
     _Step.CARD_CLIENT_EXTERNAL: (MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, 0),
 }
 
@@ -258,7 +261,9 @@ class Connection:
 
         self._server_challenge = b""
         self._client_challenge = b""
+        self._own_answer = b""
         self._peer_answer = b""
+        self._expected_answer = b""
 
         self._tx = _Tx.IDLE
         self._tx_queue: collections.deque[_Outgoing] = collections.deque()
@@ -292,8 +297,10 @@ class Connection:
 
     @property
     def card_span_open(self) -> bool:
-        """True from GET CHALLENGE until EXTERNAL AUTHENTICATE is over: the
-        driver keeps the card for this connection alone meanwhile."""
+        """True from GET CHALLENGE until EXTERNAL AUTHENTICATE is over (on
+        the server, until its answer to the client's challenge, right
+        after): the driver keeps the card for this connection alone
+        meanwhile."""
         return self._phase is Phase.MUTUAL_AUTHENTICATION and self._step in _SPAN_STEPS
 
     @property
@@ -363,6 +370,7 @@ class Connection:
         self._error = exc
         self._phase = Phase.ERROR
         self._card_pending = None
+        self._expected_answer = b""
         self._discard_session_keys()
         if isinstance(exc, IntegrityError | ConnectionLost):
             self._out.clear()
@@ -441,10 +449,15 @@ class Connection:
         return request
 
     def _ask_card(
-        self, step: _Step, operation: CardOperation, data: bytes = b""
+        self,
+        step: _Step,
+        operation: CardOperation,
+        data: bytes = b"",
+        *,
+        ahead: bool = False,
     ) -> None:
         self._step = step
-        request = CardRequest(operation, self.auth_key_index, data)
+        request = CardRequest(operation, self.auth_key_index, data, ahead)
         self._card_pending = request
         self._emit(request)
 
@@ -580,6 +593,26 @@ class Connection:
         self._write(
             MessageId.MUTUAL_AUTH_PASS1_NOTIF, self._server_challenge, option=ACK
         )
+        self._ask_expected_answer(_Step.CARD_SERVER_EXPECT, self._server_challenge)
+
+    def _ask_expected_answer(self, step: _Step, own_challenge: bytes) -> None:
+        # The answer a peer holding the key will send, asked of our own card
+        # while the peer works on it (off the handshake's critical path), so
+        # that its answer is checked on the host before EXTERNAL
+        # AUTHENTICATE: a peer without the key never reaches the card's
+        # retry counter.
+        self._ask_card(
+            step, CardOperation.INTERNAL_AUTHENTICATE, own_challenge, ahead=True
+        )
+
+    def _peer_answer_matches(self) -> bool:
+        expected = self._expected_answer
+        return len(expected) == CHALLENGE_LENGTH and crypto.constant_time_equal(
+            expected, self._peer_answer
+        )
+
+    def _card_server_expect(self, request: CardRequest, data: bytes) -> None:
+        self._expected_answer = _challenge(data)
         self._step = _Step.WAIT_PASS2
 
     def _on_pass1(self, frame: Frame) -> None:
@@ -602,22 +635,17 @@ class Connection:
             self._own_answer + self._client_challenge,
             option=ACK,
         )
+        self._ask_expected_answer(_Step.CARD_CLIENT_EXPECT, self._client_challenge)
+
+    def _card_client_expect(self, request: CardRequest, data: bytes) -> None:
+        self._expected_answer = _challenge(data)
         self._step = _Step.WAIT_PASS3
 
     def _on_pass2(self, frame: Frame) -> None:
         _check_card_result(frame, "INTERNAL AUTHENTICATE or GET CHALLENGE")
         self._peer_answer = frame.payload[:CHALLENGE_LENGTH]
         self._client_challenge = frame.payload[CHALLENGE_LENGTH:]
-        # Check the answer on the host first, so a peer that does not hold
-        # the key never reaches the card's retry counter.
-        self._ask_card(
-            _Step.CARD_SERVER_PRECHECK,
-            CardOperation.INTERNAL_AUTHENTICATE,
-            self._server_challenge,
-        )
-
-    def _card_server_precheck(self, request: CardRequest, data: bytes) -> None:
-        if not crypto.constant_time_equal(_challenge(data), self._peer_answer):
+        if not self._peer_answer_matches():
             self._nak(
                 MessageId.MUTUAL_AUTH_PASS3_NOTIF,
                 ErrorCode.REMOTE_ICCARD,
@@ -646,14 +674,7 @@ class Connection:
             raise _peer_verdict("server", frame)
         _check_card_result(frame, "EXTERNAL or INTERNAL AUTHENTICATE")
         self._peer_answer = frame.payload
-        self._ask_card(
-            _Step.CARD_CLIENT_PRECHECK,
-            CardOperation.INTERNAL_AUTHENTICATE,
-            self._client_challenge,
-        )
-
-    def _card_client_precheck(self, request: CardRequest, data: bytes) -> None:
-        if not crypto.constant_time_equal(_challenge(data), self._peer_answer):
+        if not self._peer_answer_matches():
             self._nak(MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, ErrorCode.REMOTE_ICCARD)
             raise PeerAuthenticationFailed("server's answer to our challenge is wrong")
         self._ask_card(
@@ -687,7 +708,8 @@ class Connection:
             else:
                 self._tx_chain.restart_at(client_to_server)
                 self._rx_chain.restart_at(server_to_client)
-        self._server_challenge = self._client_challenge = self._peer_answer = b""
+        self._server_challenge = self._client_challenge = b""
+        self._own_answer = self._peer_answer = self._expected_answer = b""
         self._emit(Authenticated(self.auth_key_index, self.peer_auth_data or b""))
         self._pump()
 
@@ -1214,12 +1236,12 @@ _MESSAGE_STEPS = {
 
 _CARD_STEPS = {
     _Step.CARD_SERVER_CHALLENGE: Connection._card_server_challenge,
-    _Step.CARD_SERVER_PRECHECK: Connection._card_server_precheck,
+    _Step.CARD_SERVER_EXPECT: Connection._card_server_expect,
     _Step.CARD_SERVER_EXTERNAL: Connection._card_server_external,
     _Step.CARD_SERVER_ANSWER: Connection._card_server_answer,
     _Step.CARD_CLIENT_ANSWER: Connection._card_client_answer,
     _Step.CARD_CLIENT_CHALLENGE: Connection._card_client_challenge,
-    _Step.CARD_CLIENT_PRECHECK: Connection._card_client_precheck,
+    _Step.CARD_CLIENT_EXPECT: Connection._card_client_expect,
     _Step.CARD_CLIENT_EXTERNAL: Connection._card_client_external,
 }
 

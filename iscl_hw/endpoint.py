@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from iscl_hw.arbiter import CardArbiter
@@ -79,6 +80,9 @@ class Endpoint:
         self.closed: ConnectionClosed | None = None
         self.close_refused = False
         self.error: IsclError | None = None
+        #: Where the card's end of a span runs (see CardArbiter.release);
+        #: None runs it at once.
+        self.end_span_with: Callable[[Callable[[], None]], None] | None = None
         self._wait_kind: str | None = None
         self._wait_since = self.started
 
@@ -169,7 +173,10 @@ class Endpoint:
 
     def release_span_if_done(self) -> None:
         if not self.conn.card_span_open:
-            self.arbiter.release(self)
+            self.release_span()
+
+    def release_span(self) -> None:
+        self.arbiter.release(self, end_span_with=self.end_span_with)
 
     # -- events ------------------------------------------------------------------
 
@@ -199,7 +206,7 @@ class Endpoint:
 
     def failed(self, error: IsclError) -> None:
         self.error = error
-        self.arbiter.release(self)
+        self.release_span()
 
     def take_sent(self, send_id: int) -> bool:
         """True once ``send_id`` is through; raises if the peer refused it."""

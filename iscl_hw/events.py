@@ -55,11 +55,16 @@ class CardRequest:
 
     ``data`` is the challenge (INTERNAL AUTHENTICATE) or the peer's answer
     (EXTERNAL AUTHENTICATE); both travel in the clear on the wire.
+
+    ``ahead`` marks work asked for while the peer works on our last pass:
+    nothing waits for its answer until the peer's next pass arrives, so a
+    driver may let other work run meanwhile.
     """
 
     operation: CardOperation
     key_ref: int = 0
     data: bytes = b""
+    ahead: bool = False
 
 
 @dataclass(frozen=True, slots=True)

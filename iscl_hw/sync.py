@@ -159,14 +159,17 @@ class Channel:
 
     def _process_events(self) -> None:
         endpoint = self._endpoint
-        while (request := endpoint.advance()) is not None:
-            try:
-                endpoint.arbiter.acquire(endpoint)
-            except CardBusy as exc:
-                endpoint.card_failed(exc)
-            else:
-                endpoint.run_card(request)
+        while (request := endpoint.advance(inline_card=False)) is not None:
+            # What the core wrote first (a pass the peer works on while our
+            # card does) leaves before the card is asked.
             self._flush()
+            if endpoint.needs_span(request):
+                try:
+                    endpoint.arbiter.acquire(endpoint)
+                except CardBusy as exc:
+                    endpoint.card_failed(exc)
+                    continue
+            endpoint.run_card(request)
         self._flush()
 
     def _read(self) -> None:

@@ -15,6 +15,7 @@ from helpers import (
     make_keys,
     parse_frame,
     random_keys,
+    split_frames,
 )
 
 import iscl_hw
@@ -203,6 +204,66 @@ def test_challenges_are_fresh_and_answers_are_right() -> None:
     assert frames[MessageId.MUTUAL_AUTH_PASS3_NOTIF] == des_ecb_encrypt(key, pass2[8:])
     other = ConnectionPair(cards=pair.cards).handshake()
     assert other.frames()[4].payload != server_challenge
+
+
+def test_expected_answer_is_asked_ahead_once_our_challenge_is_out() -> None:
+    """Each side asks its own card for the answer it expects while the peer
+    works on the pass carrying its challenge: the request comes after that
+    pass is written, marked ``ahead``, and is the only one so marked."""
+    pair = ConnectionPair()
+    written_before: dict[str, list[MessageId | int]] = {}
+    for side in pair.sides:
+        run_card = side.endpoint.run_card
+
+        def run(request, side=side, run_card=run_card):  # type: ignore[no-untyped-def]
+            if request.ahead:
+                pending = side.conn.data_to_send()
+                written_before[side.name] = [
+                    parse_frame(raw).message_id
+                    for raw in split_frames(bytearray(pending), pair.order)
+                ]
+                side.outbox += pending
+            run_card(request)
+
+        side.endpoint.run_card = run  # type: ignore[method-assign]
+    pair.handshake()
+
+    assert written_before == {
+        SERVER: [MessageId.MUTUAL_AUTH_PASS1_NOTIF],
+        CLIENT: [MessageId.MUTUAL_AUTH_PASS2_NOTIF],
+    }
+    frames = {f.message_id: f.payload for f in pair.frames()}
+    for side, challenge in (
+        (SERVER, frames[MessageId.MUTUAL_AUTH_PASS1_NOTIF]),
+        (CLIENT, frames[MessageId.MUTUAL_AUTH_PASS2_NOTIF][8:]),
+    ):
+        ahead = [r for r in pair[side].card_requests if r.ahead]
+        assert [(r.operation, r.data) for r in ahead] == [
+            (CardOperation.INTERNAL_AUTHENTICATE, challenge)
+        ]
+
+
+def test_server_span_ends_after_its_answer_to_the_client() -> None:
+    """The server keeps its span through INTERNAL AUTHENTICATE of the
+    client's challenge, so a driver can end it while pass 3 travels."""
+    pair = ConnectionPair()
+    spans: list[tuple[CardOperation, bool]] = []
+    run_card = pair.server.endpoint.run_card
+
+    def run(request):  # type: ignore[no-untyped-def]
+        run_card(request)
+        spans.append((request.operation, pair.server.conn.card_span_open))
+
+    pair.server.endpoint.run_card = run  # type: ignore[method-assign]
+    pair.handshake()
+
+    assert spans == [
+        (CardOperation.GET_CHALLENGE, True),
+        (CardOperation.INTERNAL_AUTHENTICATE, True),  # the expected answer
+        (CardOperation.EXTERNAL_AUTHENTICATE, True),
+        (CardOperation.INTERNAL_AUTHENTICATE, False),  # pass 3 is written
+    ]
+    assert_span_free(pair)
 
 
 @pytest.mark.parametrize("key_index", range(1, 9))

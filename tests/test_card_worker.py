@@ -1,0 +1,218 @@
+"""The asyncio driver with a card whose calls block (``blocking_io``, as a
+PC/SC reader's): its operations run on the card's worker thread, a quick
+answer is taken on the spot, a slow one is awaited without holding up the
+loop, and the end of a span runs on the worker too."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from helpers import make_cards, make_keys, serving
+
+from iscl_hw import aio
+from iscl_hw.aio import _CardJob
+from iscl_hw.card import Card
+from iscl_hw.endpoint import Timeouts
+from iscl_hw.errors import CardCommunicationError, IsclError
+from iscl_hw.keyfile import KeyStore
+
+CALLS = ("get_challenge", "internal_authenticate", "external_authenticate")
+
+
+class BlockingCard(Card):
+    """A soft card behind a pretend slow reader: each call sleeps ``delay``
+    and records the thread it ran on."""
+
+    blocking_io = True
+
+    def __init__(self, card: Card, delay: float = 0.0) -> None:
+        self.name = card.name
+        self._card = card
+        self.delay = delay
+        self.threads: list[tuple[str, int]] = []
+
+    def _enter(self, call: str) -> None:
+        self.threads.append((call, threading.get_ident()))
+        if self.delay:
+            time.sleep(self.delay)
+
+    def get_challenge(self) -> bytes:
+        self._enter("get_challenge")
+        return self._card.get_challenge()
+
+    def internal_authenticate(self, key_ref: int, challenge: bytes) -> bytes:
+        self._enter("internal_authenticate")
+        return self._card.internal_authenticate(key_ref, challenge)
+
+    def external_authenticate(self, key_ref: int, response: bytes) -> None:
+        self._enter("external_authenticate")
+        self._card.external_authenticate(key_ref, response)
+
+    def begin_span(self) -> None:
+        self.threads.append(("begin_span", threading.get_ident()))
+
+    def end_span(self) -> None:
+        self.threads.append(("end_span", threading.get_ident()))
+
+    def close(self) -> None:
+        self._card.close()
+
+
+async def _silent(channel: aio.AsyncChannel) -> None:
+    try:
+        await channel.recv()
+    except IsclError:
+        pass
+
+
+async def _handshake(client: Card, server: Card, **options: object) -> int:
+    """One handshake; returns the loop's thread ident."""
+    keys = make_keys()
+    async with serving(_silent, server, keys, **options) as port:
+        await _connect(port, client, keys, **options)
+    return threading.get_ident()
+
+
+async def _connect(port: int, card: Card, keys: KeyStore, **options: object) -> None:
+    channel = await aio.open_connection(
+        "127.0.0.1",
+        port,
+        card=card,
+        keys=keys,
+        **options,  # type: ignore[arg-type]
+    )
+    await channel.close()
+
+
+def test_every_card_call_and_span_end_runs_off_the_loop() -> None:
+    cards = make_cards()
+    client, server = BlockingCard(cards.client), BlockingCard(cards.server)
+
+    loop_thread = asyncio.run(_handshake(client, server))
+
+    for card in (client, server):
+        # The end of the span is posted to the worker, not waited for.
+        deadline = time.monotonic() + 5
+        while "end_span" not in [c for c, _ in card.threads]:
+            assert time.monotonic() < deadline, card.threads
+            time.sleep(0.001)
+        calls = [call for call, _ in card.threads]
+        assert {"begin_span", "end_span", *CALLS} <= set(calls), calls
+        assert calls.count("begin_span") == calls.count("end_span") == 1
+        assert all(ident != loop_thread for _, ident in card.threads), card.threads
+
+
+def test_slow_card_is_awaited_while_the_loop_runs_on() -> None:
+    """Card calls of 30 ms (past the in-place wait): the handshake still
+    completes, and a ticker task on the same loop is never held up for
+    longer than the in-place wait plus scheduling."""
+    cards = make_cards()
+    client = BlockingCard(cards.client, delay=0.03)
+    server = BlockingCard(cards.server, delay=0.03)
+    lags: list[float] = []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                await asyncio.sleep(0.001)
+                lags.append(time.monotonic() - started - 0.001)
+
+        keys = make_keys()
+        ticking = asyncio.create_task(ticker())
+        try:
+            server_task = await aio.start_server(
+                _silent, "127.0.0.1", 0, card=server, keys=keys
+            )
+            async with server_task:
+                port = server_task.sockets[0].getsockname()[1]
+                await _connect(port, client, keys)
+        finally:
+            stop.set()
+            await ticking
+
+    asyncio.run(scenario())
+    # 8 card calls of 30 ms: the ticker ran all along.  Had the loop waited
+    # for each call, 8 ticks would have lagged 30 ms or more; a busy machine
+    # may delay one or two ticks on its own.
+    assert len(lags) > 50
+    assert len([lag for lag in lags if lag >= 0.025]) <= 2, sorted(lags)[-5:]
+
+
+def test_card_past_its_time_fails_the_connection_with_a_card_error() -> None:
+    cards = make_cards()
+    client = BlockingCard(cards.client)
+    server = BlockingCard(cards.server, delay=0.5)
+    timeouts = Timeouts(card=0.1)
+
+    started = time.monotonic()
+    with pytest.raises(IsclError) as caught:
+        asyncio.run(_handshake(client, server, timeouts=timeouts))
+
+    # The client hears that the server's card failed; the server's own
+    # connection ended with a CardCommunicationError (logged by the core).
+    assert "ICCARD" in str(caught.value)
+    assert time.monotonic() - started < 2
+
+
+def test_job_answer_in_place_and_through_a_future() -> None:
+    quick = _CardJob(lambda: b"answer")
+    threading.Thread(target=quick.run).start()
+    assert quick.wait_in_place(5)
+    assert quick.result() == b"answer"
+
+    async def late() -> bytes:
+        gate = threading.Event()
+
+        def work() -> bytes:
+            gate.wait(5)
+            return b"later"
+
+        job = _CardJob(work)
+        threading.Thread(target=job.run).start()
+        assert not job.wait_in_place(0.01)
+        future = job.future()
+        gate.set()
+        return await asyncio.wait_for(future, 5)
+
+    assert asyncio.run(late()) == b"later"
+
+
+def test_job_error_reaches_the_waiter_both_ways() -> None:
+    def fail() -> bytes:
+        raise CardCommunicationError("reader gone")
+
+    in_place = _CardJob(fail)
+    in_place.run()
+    assert in_place.wait_in_place(0)
+    with pytest.raises(CardCommunicationError, match="reader gone"):
+        in_place.result()
+
+    async def awaited() -> None:
+        job = _CardJob(fail)
+        future = job.future()  # asked for before the job ran
+        await asyncio.to_thread(job.run)
+        with pytest.raises(CardCommunicationError, match="reader gone"):
+            await future
+
+    asyncio.run(awaited())
+
+
+def test_abandoned_job_never_reaches_the_card() -> None:
+    ran: list[bool] = []
+
+    def work() -> bytes:
+        ran.append(True)
+        return b""
+
+    job = _CardJob(work)
+    job.abandoned = True
+    job.run()
+    assert ran == []
+    with pytest.raises(RuntimeError, match="not finished"):
+        job.result()
