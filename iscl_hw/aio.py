@@ -7,10 +7,12 @@ send and receive whole messages.  Both directions flow at once.
 A card whose calls block (``blocking_io`` true, such as a PC/SC reader's)
 is called from a worker thread of its own, one operation after the other,
 so a reader that stops answering stalls only the connections using that
-card; each operation is bounded by :attr:`Timeouts.card`.  The loop waits
-for an answer the handshake needs in place for up to 2 ms (a virtual card
-or a fast reader answers within), and awaits a slower one, or work the
-core asks for ahead; the end of a card span runs on the worker too.  A card
+card; each operation is bounded by :attr:`Timeouts.card`.  When a
+connection is the loop's only handshake, the loop waits in place for up
+to 2 ms for an answer the handshake needs (a virtual card or a fast reader
+answers within); otherwise, and for slower cards and work the core asks for
+ahead, it awaits the answer.  The end of a card span runs on the worker
+too.  A card
 that answers at once (the in-process software card) is called inline.
 """
 
@@ -190,6 +192,12 @@ def _settle_soon(
 _WORKERS: weakref.WeakKeyDictionary[Card, _CardWorker] = weakref.WeakKeyDictionary()
 _WORKERS_LOCK = threading.Lock()
 
+# Handshakes in progress on each event loop: with others under way, the loop
+# has their work to do while a card answers, so nobody waits in place.
+_HANDSHAKING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = (
+    weakref.WeakKeyDictionary()
+)
+
 
 def _worker_for(card: Card) -> _CardWorker:
     with _WORKERS_LOCK:
@@ -279,6 +287,8 @@ class AsyncChannel:
 
     async def handshake(self) -> None:
         """Run line connection and mutual authentication."""
+        loop = asyncio.get_running_loop()
+        _HANDSHAKING[loop] = _HANDSHAKING.get(loop, 0) + 1
         self._task = asyncio.create_task(self._run())
         try:
             await self._wait(lambda: self._endpoint.authenticated is not None)
@@ -287,6 +297,8 @@ class AsyncChannel:
             if conn.role is Role.SERVER and conn.frames_received == 0:
                 raise PeerNeverSpoke(f"peer sent no ISCL frame: {exc}") from exc
             raise
+        finally:
+            _HANDSHAKING[loop] -= 1
 
     # -- messages -------------------------------------------------------------
 
@@ -440,8 +452,10 @@ class AsyncChannel:
         arbiter = endpoint.arbiter
         limit = endpoint.timeouts.card
         job = _worker_for(arbiter.card).submit(lambda: arbiter.run(endpoint, request))
+        loop = asyncio.get_running_loop()
         try:
-            answer = await self._card_answer(job, limit, in_place=not request.ahead)
+            in_place = not request.ahead and _HANDSHAKING.get(loop, 0) <= 1
+            answer = await self._card_answer(job, limit, in_place=in_place)
         except TimeoutError:
             assert limit is not None
             # The core logs the failure and tells the peer.
@@ -457,10 +471,11 @@ class AsyncChannel:
     async def _card_answer(
         job: _CardJob, limit: float | None, *, in_place: bool
     ) -> bytes:
-        # An answer the handshake waits for, from a card that gives it
-        # within _WAIT_IN_PLACE (a virtual card, a fast reader), is waited
-        # for on the spot: handing it back through the loop costs more than
-        # the operation.  A slower one, or work done ahead, is awaited.
+        # An answer the loop's only handshake waits for, from a card that
+        # gives it within _WAIT_IN_PLACE (a virtual card, a fast reader), is
+        # waited for on the spot: handing it back through the loop costs
+        # more than the operation.  A slower one, work done ahead, or one
+        # among concurrent handshakes is awaited.
         waited = 0.0
         if in_place:
             waited = _WAIT_IN_PLACE if limit is None else min(limit, _WAIT_IN_PLACE)

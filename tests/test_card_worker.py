@@ -6,13 +6,15 @@ loop, and the end of a span runs on the worker too."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 import time
 
 import pytest
 from helpers import make_cards, make_keys, serving
 
-from iscl_hw import aio
+from iscl_hw import aio, sync
 from iscl_hw.aio import _CardJob
 from iscl_hw.card import Card
 from iscl_hw.endpoint import Timeouts
@@ -103,6 +105,48 @@ def test_every_card_call_and_span_end_runs_off_the_loop() -> None:
         assert {"begin_span", "end_span", *CALLS} <= set(calls), calls
         assert calls.count("begin_span") == calls.count("end_span") == 1
         assert all(ident != loop_thread for _, ident in card.threads), card.threads
+
+
+def test_lone_handshake_takes_quick_answers_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop's only handshake (the server is a blocking one on another
+    thread) waits for its quick card's answers in place: only the answer
+    asked ahead goes through a future.  Two handshakes on one loop await
+    every answer."""
+    awaited: list[int] = []
+    make_future = _CardJob.future
+
+    def counting_future(job: _CardJob) -> asyncio.Future[bytes]:
+        awaited.append(threading.get_ident())
+        return make_future(job)
+
+    monkeypatch.setattr(_CardJob, "future", counting_future)
+    # Which path is chosen is under test, not how fast a thread wakes.
+    monkeypatch.setattr(aio, "_WAIT_IN_PLACE", 5.0)
+    cards, keys = make_cards(), make_keys()
+    client = BlockingCard(cards.client)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            sock, _ = listener.accept()
+            with sync.accept(sock, card=cards.server, keys=keys) as channel:
+                with contextlib.suppress(IsclError):
+                    channel.recv()
+
+        server = threading.Thread(target=serve)
+        server.start()
+        port = listener.getsockname()[1]
+        asyncio.run(_connect(port, client, keys))
+        server.join(10)
+
+    assert len(awaited) == 1  # the expected answer, asked ahead
+
+    awaited.clear()
+    asyncio.run(_handshake(BlockingCard(cards.client), BlockingCard(cards.server)))
+    # 8 operations on two cards, all awaited.
+    assert len(awaited) == 8
 
 
 def test_slow_card_is_awaited_while_the_loop_runs_on() -> None:
