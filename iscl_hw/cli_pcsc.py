@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO, TypeVar
 
@@ -35,7 +36,7 @@ from iscl_hw import apdu
 from iscl_hw.apdu import ResponseApdu, format_apdu_for_trace
 from iscl_hw.card import ISCL_AID
 from iscl_hw.constants import CHALLENGE_LENGTH, KEY_INDEXES
-from iscl_hw.errors import IsclError
+from iscl_hw.errors import ConfigError, IsclError
 from iscl_hw.pcsc import (
     PcscContext,
     PcscTimeout,
@@ -149,7 +150,10 @@ def register(
     pin.add_argument("--pin-env", metavar="VAR", help="read the PIN from $VAR")
     pin.add_argument("--pin-file", type=Path, metavar="PATH", help="read the PIN")
     pin.add_argument("--pin-prompt", action="store_true", help="ask for the PIN")
-    probe.add_argument("--aid", default=ISCL_AID.hex().upper(), help="AID (hex)")
+    probe.add_argument(
+        "--aid",
+        help=f"AID (hex; a pcsc --config site's, else {ISCL_AID.hex().upper()})",
+    )
     _add_timeout(probe)
     _add_trace(probe)
     probe.set_defaults(func=cmd_card_probe)
@@ -167,7 +171,10 @@ def add_reader_options(parser: argparse.ArgumentParser) -> None:
         help="override the protocol the ATR offers first",
     )
     parser.add_argument(
-        "--wait", type=float, default=5.0, metavar="S", help="wait for a card (5 s)"
+        "--wait",
+        type=float,
+        metavar="S",
+        help="wait for a card (a pcsc --config site's card_wait, else 5 s)",
     )
 
 
@@ -407,6 +414,50 @@ def probe(
     return lines
 
 
+@dataclass(frozen=True)
+class _ProbeOptions:
+    selector: ReaderSelector
+    protocol: int | None
+    wait: float
+    aid: bytes
+    pin: PinSource | None
+
+
+def _probe_options(args: argparse.Namespace) -> _ProbeOptions:
+    """The reader, protocol, card wait, AID and PIN source to probe with:
+    each from the command line when given there, else from a pcsc
+    ``--config`` site file's card, else the defaults."""
+    from iscl_hw import cli_config
+    from iscl_hw.siteconfig import PcscBackend
+
+    site = cli_config.load_for_args(args)
+    card: PcscBackend | None = None
+    if site is not None:
+        if not isinstance(site.backend, PcscBackend):
+            raise ConfigError(
+                f"{args.config}: its card is {site.backend.kind}, not pcsc: "
+                "nothing to probe in a reader"
+            )
+        card = site.backend
+    selector = reader_selector(args)
+    protocol = protocol_override(args)
+    if card is not None and selector == ReaderSelector():
+        selector = card.selector()
+        protocol = card.protocol if protocol is None else protocol
+    wait = args.wait if args.wait is not None else (card.card_wait if card else 5.0)
+    if args.aid is not None:
+        try:
+            aid = bytes.fromhex(args.aid)
+        except ValueError as exc:
+            raise ConfigError(f"bad AID: {exc}") from None
+    else:
+        aid = card.aid if card is not None else ISCL_AID
+    pin = _pin_source(args)
+    if pin is None and card is not None:
+        pin = card.pin.source()
+    return _ProbeOptions(selector, protocol, wait, aid, pin)
+
+
 def _read_pin_first(source: PinSource | None) -> PinSource | None:
     """Ask for the PIN here, before the PC/SC thread starts: a prompt must
     not run against the thread's answer timeout."""
@@ -424,25 +475,24 @@ def cmd_card_probe(args: argparse.Namespace) -> int:
         enable_trace()
     report: list[str] = []
     try:
-        aid = bytes.fromhex(args.aid)
-    except ValueError as exc:
-        return _fail("probe", f"bad AID: {exc}")
-    try:
-        selector = reader_selector(args)
-        pin = _read_pin_first(_pin_source(args))
+        options = _probe_options(args)
+        selector = options.selector
+        pin = _read_pin_first(options.pin)
 
         def work(watch: _Watch) -> None:
-            watch.expect(f"waiting for a card in {selector}", args.wait + args.timeout)
+            watch.expect(
+                f"waiting for a card in {selector}", options.wait + args.timeout
+            )
             with PcscContext() as context:
                 reader = open_reader(
                     context,
                     selector,
-                    protocol=protocol_override(args),
-                    card_timeout=args.wait,
+                    protocol=options.protocol,
+                    card_timeout=options.wait,
                 )
                 try:
                     transport = _WatchedReader(reader, watch, args.timeout)
-                    probe(reader, aid, pin, report, transport=transport)
+                    probe(reader, options.aid, pin, report, transport=transport)
                 finally:
                     closing = f"reader {reader.reader!r}: disconnecting"
                     watch.expect(closing, args.timeout)

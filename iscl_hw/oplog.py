@@ -21,7 +21,10 @@ import datetime
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO
+
+from iscl_hw.errors import ConfigError
 
 if TYPE_CHECKING:
     from iscl_hw.siteconfig import LoggingConfig
@@ -83,6 +86,13 @@ def reset_logging() -> None:
             handler.close()
 
 
+def _open_log(path: Path, what: str) -> logging.FileHandler:
+    try:
+        return logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot open the {what} {path}: {exc.strerror}") from None
+
+
 def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> None:
     """Log as the site's ``[logging]`` section says.
 
@@ -90,18 +100,18 @@ def configure_logging(config: LoggingConfig, stream: TextIO | None = None) -> No
     ``StreamHandler`` of ``logging.basicConfig`` (the ``iscl`` command line's
     default); other handlers (a test's capture, a trace) stay.  ``stream``
     is where records go without ``file`` (standard error by default).
-    Raises OSError if a log file cannot be opened; nothing changes then.
+    Raises ConfigError if a log file cannot be opened; nothing changes then.
     """
     handler: logging.Handler
     if config.file is not None:
-        handler = logging.FileHandler(config.file, encoding="utf-8")
+        handler = _open_log(config.file, "log file")
     else:
         handler = logging.StreamHandler(stream or sys.stderr)
     audit_handler: logging.Handler | None = None
     if config.audit_file is not None:
         try:
-            audit_handler = logging.FileHandler(config.audit_file, encoding="utf-8")
-        except OSError:
+            audit_handler = _open_log(config.audit_file, "audit log file")
+        except ConfigError:
             handler.close()
             raise
         audit_handler.setFormatter(JsonLinesFormatter())

@@ -76,6 +76,10 @@ __all__ = [
 
 _T = TypeVar("_T")
 
+# Every duration in a site file is at most a day; "none" (where allowed)
+# means no limit.
+_MAX_SECONDS = 86400.0
+
 _U32_MAX: Final = 0xFFFFFFFF
 _MAX_SESSIONS: Final = 64  # iscl_hw.hsm.MAX_SESSIONS, without importing pkcs11
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
@@ -554,13 +558,20 @@ class _Section:
         value = self.take(key)
         if value is _MISSING:
             return default
-        wanted = "a number of seconds " + (">= 0" if zero else "> 0")
+        wanted = (
+            f"a number of seconds {'>= 0' if zero else '> 0'} and <= {_MAX_SECONDS:g}"
+        )
         if none:
             wanted += ' or "none"'
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.problem(key, f"must be {wanted}, got {_kind(value)}")
             return default
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        if (
+            not math.isfinite(value)
+            or value < 0
+            or (value == 0 and not zero)
+            or value > _MAX_SECONDS
+        ):
             self.problem(key, f"must be {wanted}, got {value}")
             return default
         return float(value)

@@ -428,6 +428,65 @@ def test_pcsc_site_parses_without_pyscard_or_pkcs11(tmp_path: Path) -> None:
     assert done.stdout.strip() == "[]"
 
 
+PCSC_SITE = """
+[site]
+role = "client"
+connect = "127.0.0.1:2761"
+[card]
+type = "pcsc"
+reader_regex = "^Virtual PCD"
+protocol = "T1"
+card_wait = 2
+aid = "F06973636C0002"
+pin_env = "SITE_CARD_PIN"
+key_file = "site.keys"
+"""
+
+
+def test_card_probe_takes_the_reader_from_a_pcsc_site_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from iscl_hw import cli, cli_pcsc
+
+    path = write(tmp_path, PCSC_SITE)
+    monkeypatch.setenv("SITE_CARD_PIN", "4321")
+    args = cli.build_parser().parse_args(["card", "probe", "--config", str(path)])
+    options = cli_pcsc._probe_options(args)
+    assert str(options.selector) == "readers matching /^Virtual PCD/"
+    assert (options.protocol, options.wait) == (1, 2.0)
+    assert options.aid == bytes.fromhex("F06973636C0002")
+    assert options.pin is not None and options.pin() == b"4321"
+
+    # What the command line names wins, option by option.
+    overrides = ["--reader", "Other 00 00", "--wait", "0.5", "--aid", "A000000001"]
+    args = cli.build_parser().parse_args(
+        ["card", "probe", "--config", str(path), *overrides, "--pin-env", "OTHER_PIN"]
+    )
+    monkeypatch.setenv("OTHER_PIN", "9999")
+    options = cli_pcsc._probe_options(args)
+    assert str(options.selector) == "reader 'Other 00 00'"
+    assert (options.protocol, options.wait) == (None, 0.5)
+    assert options.aid == bytes.fromhex("A000000001")
+    assert options.pin is not None and options.pin() == b"9999"
+
+    # Without a site file: the defaults.
+    args = cli.build_parser().parse_args(["card", "probe"])
+    options = cli_pcsc._probe_options(args)
+    assert (options.protocol, options.wait, options.pin) == (None, 5.0, None)
+
+
+def test_card_probe_refuses_a_site_file_without_a_reader(
+    tmp_path: Path, softcard_files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from iscl_hw import cli
+
+    site = SERVER_SITE[: SERVER_SITE.index("    [logging]")]
+    path = write(softcard_files.parent, site)
+    assert cli.main(["card", "probe", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "its card is softcard, not pcsc" in err, err
+
+
 def test_paths_are_relative_to_the_site_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -522,6 +581,12 @@ def test_the_briefs_example_error(tmp_path: Path) -> None:
         ("[timeouts]\nidle = nan", "11: timeouts.idle: must be a number"),
         ('[timeouts]\npeer_answer = "none"', "11: timeouts.peer_answer: must be"),
         ("[limits]\nstop_grace = -1", "11: limits.stop_grace: must be a number"),
+        (
+            "[limits]\nstop_grace = 1e9",
+            "11: limits.stop_grace: must be a number of seconds >= 0 and <= 86400, "
+            "got 1000000000.0",
+        ),
+        ("[timeouts]\nidle = 86401", "11: timeouts.idle: must be a number"),
         # logging
         ('[logging]\nlevel = "loud"', '11: logging.level: must be one of "debug"'),
         ('[logging]\njson = "yes"', "11: logging.json: must be true or false"),
@@ -978,8 +1043,11 @@ def test_configure_logging_replaces_its_own_handlers(
     for handler in logging.getLogger().handlers:
         handler.flush()
     assert log_file.read_text().count("once") == 1
-    with pytest.raises(OSError):
-        oplog.configure_logging(LoggingConfig(file=tmp_path / "no" / "dir.log"))
+    missing = tmp_path / "no" / "dir.log"
+    with pytest.raises(
+        ConfigError, match=f"cannot open the log file {missing}: No such"
+    ):
+        oplog.configure_logging(LoggingConfig(file=missing))
     assert os.path.exists(log_file)
 
 
