@@ -154,6 +154,7 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._pos = 0
         self._pending: tuple[MessageId, int, int, int] | None = None
+        self._frames = 0
 
     def feed(self, data: bytes) -> None:
         if self._pos and self._pos == len(self._buffer):
@@ -180,6 +181,7 @@ class FrameDecoder:
         payload = bytes(self._buffer[self._pos : self._pos + length])
         self._pos += length
         self._pending = None
+        self._frames += 1
         self._compact()
         return Frame(message_id, option, err_no, payload)
 
@@ -196,8 +198,9 @@ class FrameDecoder:
         try:
             message_id = MessageId(raw_id)
         except ValueError:
+            hint = "" if self._frames else _not_iscl_hint(self._buffer[self._pos :])
             raise RemoteProtocolError(
-                f"unknown message ID 0x{raw_id:08X}", ErrorCode.BAD_MSGID
+                f"unknown message ID 0x{raw_id:08X}{hint}", ErrorCode.BAD_MSGID
             ) from None
 
         if (
@@ -218,3 +221,27 @@ class FrameDecoder:
                 ErrorCode.BAD_LENGTH,
             )
         return message_id, length, option, err_no
+
+
+# What a peer's first bytes are when they are not ISCL, for a clearer error.
+_FOREIGN_STARTS = (
+    (b"PROXY ", "a PROXY protocol v1 header"),
+    (b"\r\n\r\n\x00\r\nQUIT\n", "a PROXY protocol v2 header"),
+    (b"\x16\x03", "a TLS handshake"),
+    (b"GET ", "an HTTP request"),
+    (b"POST ", "an HTTP request"),
+    (b"HEAD ", "an HTTP request"),
+    (b"SSH-", "an SSH greeting"),
+)
+
+
+def _not_iscl_hint(start: bytes | bytearray) -> str:
+    for prefix, what in _FOREIGN_STARTS:
+        if start.startswith(prefix):
+            hint = f"; the peer sent {what}, not ISCL"
+            if what.startswith("a PROXY"):
+                hint += (
+                    " (a proxy in front of a gateway started without --proxy-protocol?)"
+                )
+            return hint
+    return ""

@@ -169,6 +169,32 @@ def test_unknown_message_id(raw_id: int, order: ByteOrder) -> None:
     assert header_error(header, order) is ErrorCode.BAD_MSGID
 
 
+@pytest.mark.parametrize(
+    ("start", "named"),
+    [
+        (b"PROXY TCP4 192.0.2.1 192.0.2.2 40000 2761\r\n", "PROXY protocol v1"),
+        (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes(20), "PROXY protocol v2"),
+        (b"\x16\x03\x01\x02\x00\x01" + bytes(40), "TLS handshake"),
+        (b"GET / HTTP/1.1\r\nHost: example\r\n\r\n", "HTTP request"),
+    ],
+)
+def test_a_first_frame_of_another_protocol_is_named(start: bytes, named: str) -> None:
+    decoder = FrameDecoder(ByteOrder.BIG, BLOCK)
+    decoder.feed(start)
+    with pytest.raises(RemoteProtocolError, match=f"the peer sent an? {named}"):
+        decoder.next_frame()
+
+
+def test_only_the_first_frame_gets_a_foreign_protocol_hint() -> None:
+    decoder = FrameDecoder(ByteOrder.BIG, BLOCK)
+    decoder.feed(encode_frame(ByteOrder.BIG, MessageId.LINE_DISCONNECTION_RQ))
+    assert decoder.next_frame() is not None
+    decoder.feed(b"PROXY TCP4 192.0.2.1 192.0.2.2 40000 2761\r\n")
+    with pytest.raises(RemoteProtocolError) as caught:
+        decoder.next_frame()
+    assert "PROXY" not in str(caught.value)
+
+
 WRONG_SIZES = [
     (message_id, size + delta)
     for message_id, size in EXACT_SIZES.items()
