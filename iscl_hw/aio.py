@@ -255,6 +255,7 @@ class AsyncChannel:
         self._task: asyncio.Task[None] | None = None
         self._finished = False
         self._read_scope: asyncio.Timeout | None = None
+        self._notifying: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<AsyncChannel {self._endpoint.conn!r}>"
@@ -330,6 +331,27 @@ class AsyncChannel:
     async def recv(self) -> bytes:
         """The data of the next whole message (only after its MAC check)."""
         return (await self.recv_message()).data
+
+    def recv_nowait(self) -> bytes | None:
+        """The data of a whole message already received and not yet taken,
+        else None; never waits (a message the peer sent before it closed
+        is still there)."""
+        if not self._endpoint.messages:
+            return None
+        message = self._endpoint.take_message()
+        self._changed_soon()
+        return message.data
+
+    def _changed_soon(self) -> None:
+        # Taking a message may lift back-pressure on the reader task.
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        if not self._finished:
+            task = asyncio.get_running_loop().create_task(notify())
+            self._notifying.add(task)
+            task.add_done_callback(self._notifying.discard)
 
     # -- closing ----------------------------------------------------------------
 

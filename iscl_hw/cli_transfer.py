@@ -455,17 +455,37 @@ class _SendingChannel:
         self._channel = channel
         self._timeout = timeout
         self._progressed = progressed
+        self._name = ""
 
     async def send(self, data: bytes) -> None:
-        await self._channel.send(data)
+        if data.startswith(CHUNK_MAGIC):
+            self._check_not_given_up()
+        try:
+            await self._channel.send(data)
+        except IsclError as exc:
+            # A receiver that failed mid-file (its disk full) said why
+            # before it closed: that is the reason, not the closed line.
+            self._check_not_given_up(exc)
+            raise
         if data.startswith(MANIFEST_MAGIC):
-            name = Manifest.decode(data).name
+            self._name = name = Manifest.decode(data).name
             reply = await _await_reply(self._channel, self._timeout, name)
             if reply["status"] != "accepted":
                 reason = reply.get("reason") or "no reason given"
                 raise _Refused(f"{name}: the receiver refused it: {reason}")
         elif data.startswith(CHUNK_MAGIC):
             self._progressed(len(data) - _CHUNK_HEADER.size)
+
+    def _check_not_given_up(self, cause: IsclError | None = None) -> None:
+        """Raise with the receiver's reason if it answered mid-file."""
+        early = self._channel.recv_nowait()
+        if early is None:
+            return
+        reply = _parse_reply(early, self._name)
+        reason = reply.get("reason") or "no reason given"
+        raise FileTransferError(
+            f"{self._name}: the receiver gave up on it: {reason}"
+        ) from cause
 
     async def recv(self) -> bytes:
         return await self._channel.recv()
@@ -508,6 +528,10 @@ async def _await_reply(
         raise FileTransferError(
             f"{name}: the receiver closed the line without an answer"
         ) from None
+    return _parse_reply(message, name)
+
+
+def _parse_reply(message: bytes, name: str) -> dict[str, object]:
     if not message.startswith(REPLY_MAGIC):
         raise FileTransferError(f"{name}: the receiver's answer is not a reply")
     try:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -68,14 +69,23 @@ def iscl(*args: str) -> list[str]:
 
 
 class Receiver:
-    """``iscl receive`` in a subprocess, listening on a free port."""
+    """``iscl receive`` in a subprocess, listening on a free port; with
+    ``max_file_bytes``, its writes past that size fail (EFBIG), as on a full
+    disk."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, max_file_bytes: int | None = None) -> None:
+        def limit() -> None:
+            if max_file_bytes is not None:
+                resource.setrlimit(
+                    resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes)
+                )
+
         self.process = subprocess.Popen(
             iscl("receive", "--listen", "127.0.0.1:0", *args),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=limit,
         )
         first = self.readline(START_TIMEOUT)
         assert first.startswith("listening on 127.0.0.1:"), first + self.stderr()
@@ -117,8 +127,10 @@ def receivers() -> Iterator[list[Receiver]]:
         receiver.kill()
 
 
-def start(receivers: list[Receiver], *args: str) -> Receiver:
-    receiver = Receiver(*args)
+def start(
+    receivers: list[Receiver], *args: str, max_file_bytes: int | None = None
+) -> Receiver:
+    receiver = Receiver(*args, max_file_bytes=max_file_bytes)
     receivers.append(receiver)
     return receiver
 
@@ -197,6 +209,41 @@ def test_an_existing_file_is_refused_and_kept(
     code, _, err = receiver.stop()
     assert code == 0, err
     assert "refused 'report.pdf'" in err
+
+
+def test_a_receiver_that_cannot_write_tells_the_sender_why(
+    sites: Sites, receivers: list[Receiver]
+) -> None:
+    """The receiver's disk fills mid-file (here: a file size limit): the
+    sender reports the receiver's reason, not a closed line, and nothing is
+    left in the inbox."""
+    source = sites.root / "big.dcm"
+    source.write_bytes(os.urandom(2_000_000))
+    receiver = start(
+        receivers,
+        "--dir",
+        str(sites.inbox),
+        "--once",
+        *sites.server.options(),
+        max_file_bytes=300_000,
+    )
+
+    sent = send(
+        str(source),
+        "--to",
+        f"127.0.0.1:{receiver.port}",
+        "--chunk-size",
+        "65536",
+        *sites.client.options(),
+    )
+
+    assert sent.returncode == 2, sent.stdout + sent.stderr
+    assert "big.dcm: the receiver gave up on it: cannot write: File too large" in (
+        sent.stderr
+    ), sent.stderr
+    assert os.listdir(sites.inbox) == []
+    code, _, err = receiver.finish()
+    assert code != 0 and "cannot write: File too large" in err, (code, err)
 
 
 def test_path_traversal_names_are_refused(
