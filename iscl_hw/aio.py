@@ -528,9 +528,7 @@ class AsyncChannel:
                 self._read_scope = scope
                 return await self._reader.read(_READ_SIZE)
         except TimeoutError:
-            raise PeerTimeout(
-                f"peer sent nothing in time during {endpoint.conn.phase.value}"
-            ) from None
+            raise endpoint.timed_out() from None
         except OSError as exc:
             raise ConnectionLost(f"connection failed: {exc.strerror}") from exc
         finally:

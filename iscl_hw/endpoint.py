@@ -16,6 +16,7 @@ from iscl_hw.errors import (
     IsclError,
     LineClosed,
     PeerRefusedClose,
+    PeerTimeout,
     TransmissionRefused,
 )
 from iscl_hw.events import (
@@ -114,6 +115,21 @@ class Endpoint:
         if conn.receiving or conn.sending:
             return "transmission", timeouts.transmission
         return None, timeouts.idle
+
+    def timed_out(self) -> PeerTimeout:
+        """The error for a read that ran out of time: a peer that sent part
+        of a message (dripping it) is told apart from one that sent
+        nothing."""
+        conn = self.conn
+        kind, limit = self._current_wait()
+        during = conn.phase.value
+        if limit is not None:
+            during += f" ({kind or 'idle'} limit {limit:g} s)"
+        if conn.receiving:
+            return PeerTimeout(
+                f"peer did not finish its message in time during {during}"
+            )
+        return PeerTimeout(f"peer sent nothing in time during {during}")
 
     def _progressed(self) -> None:
         """A message went through: the transmission limit starts again."""

@@ -176,9 +176,7 @@ class Channel:
         conn = self._endpoint.conn
         timeout = self._endpoint.read_timeout()
         if not self._selector.select(timeout):
-            raise PeerTimeout(
-                f"peer sent nothing for {timeout:g} s during {conn.phase.value}"
-            )
+            raise self._endpoint.timed_out()
         try:
             data = self._sock.recv(_READ_SIZE)
         except OSError as exc:

@@ -190,6 +190,8 @@ def test_dripping_peer_is_dropped_by_aio_server() -> None:
     assert dropped_after < MAX_DRIPS
     assert len(errors) == 1
     assert isinstance(errors[0], PeerTimeout)
+    assert "did not finish its message in time during messages" in str(errors[0])
+    assert "transmission limit 0.3 s" in str(errors[0])
 
 
 def test_dripping_peer_is_dropped_by_blocking_server() -> None:
@@ -218,6 +220,8 @@ def test_dripping_peer_is_dropped_by_blocking_server() -> None:
     assert dropped_after < MAX_DRIPS
     assert len(errors) == 1
     assert isinstance(errors[0], PeerTimeout)
+    assert "did not finish its message in time during messages" in str(errors[0])
+    assert "transmission limit 0.3 s" in str(errors[0])
 
 
 # -- a peer that stops reading ----------------------------------------------------
