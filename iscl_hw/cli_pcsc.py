@@ -364,17 +364,38 @@ def _probe_keys(link: ApduLink, lines: list[str]) -> None:
             lines.append(f"  key {key_ref}: {_status(resp)}")
 
 
-def _pin_state(link: ApduLink, pin: PinSource | None) -> str:
-    if pin is not None:
-        resp = link.exchange(apdu.gen_verify_apdu(pin()), "VERIFY")
-        return "PIN: verified" if resp.sw == apdu.SW_OK else f"PIN: {_status(resp)}"
-    query = apdu.CommandApdu(apdu.CLA_ISO, apdu.INS_VERIFY, 0x00, 0x80)
-    resp = link.exchange(query, "VERIFY (query)")
+class PinNotVerified(IsclError):
+    """``probe`` was given a PIN and the card did not verify it (or iscl
+    would not spend the card's last try on it)."""
+
+
+def _pin_state(link: ApduLink, pin: PinSource | None) -> tuple[str, bool]:
+    """The PIN line of the report, and whether a PIN given was verified.
+    The card is asked for its tries left first (VERIFY without data), and
+    its last try is never spent: a wrong PIN file probed again and again
+    must not block the card."""
+    resp = link.exchange(apdu.gen_verify_status_apdu(), "VERIFY (tries left)")
     if resp.sw == 0x6A88:
-        return "PIN: none"
-    if resp.sw1 == 0x63 and resp.sw2 & 0xF0 == 0xC0:
-        return f"PIN: set, {resp.sw2 & 0x0F} tries left, not verified"
-    return f"PIN: {_status(resp)}"
+        return "PIN: none", pin is None
+    if resp.sw == apdu.SW_OK:
+        return "PIN: verified already", True
+    tries = resp.sw2 & 0x0F if resp.sw1 == 0x63 and resp.sw2 & 0xF0 == 0xC0 else None
+    if pin is None:
+        if tries is not None:
+            return f"PIN: set, {tries} tries left, not verified", True
+        return f"PIN: {_status(resp)}", True
+    if tries == 0 or resp.sw == 0x6983:
+        return "PIN: blocked; not sent", False
+    if tries == 1:
+        return (
+            "PIN: not sent: the card has one try left, which iscl does not spend "
+            "(verify it with the card issuer's tool)",
+            False,
+        )
+    resp = link.exchange(apdu.gen_verify_apdu(pin()), "VERIFY")
+    if resp.sw == apdu.SW_OK:
+        return "PIN: verified", True
+    return f"PIN: wrong: {_status(resp)}", False
 
 
 def probe(
@@ -404,7 +425,10 @@ def probe(
         lines.append(f"  SELECT {aid.hex().upper()}: {_status(resp)}")
         return lines
     lines.append(f"  SELECT {aid.hex().upper()}: ok")
-    lines.append(f"  {_pin_state(link, pin)}")
+    pin_line, pin_ok = _pin_state(link, pin)
+    lines.append(f"  {pin_line}")
+    if not pin_ok:
+        raise PinNotVerified(pin_line)
     resp = link.exchange(apdu.gen_get_challenge_apdu(CHALLENGE_LENGTH))
     if resp.sw == apdu.SW_OK:
         lines.append(f"  GET CHALLENGE: {len(resp.data)} bytes")

@@ -30,8 +30,9 @@ from iscl_hw.apdu import (
     INS_EXTERNAL_AUTHENTICATE,
     INS_GET_CHALLENGE,
     INS_INTERNAL_AUTHENTICATE,
+    gen_select_aid_apdu,
 )
-from iscl_hw.card import ApduCard
+from iscl_hw.card import ISCL_AID, ApduCard
 from iscl_hw.cli_serve import cmd_card_serve
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import CardError, CardRemoved, ConfigError, IsclError
@@ -52,6 +53,7 @@ from iscl_hw.pcsc import (
     list_readers,
     open_reader,
 )
+from iscl_hw.transport import ApduLink
 from softcard.cardfile import create_card_file, new_card_state
 from softcard.emulator import SoftCard
 
@@ -958,3 +960,47 @@ def test_probe_prints_what_it_found_before_the_card_left(
         assert CLIENT_READER in out.err and "error:" in out.err
     finally:
         pcsc_env.insert(CLIENT_SLOT)
+
+
+# -- probe's PIN handling, over an in-process soft card (no pcscd) -----------------
+
+
+def _selected_link(card: SoftCard) -> ApduLink:
+    link = ApduLink(card, name="soft")
+    assert link.exchange(gen_select_aid_apdu(ISCL_AID), "SELECT").sw == 0x9000
+    return link
+
+
+def test_probe_never_spends_the_last_pin_try() -> None:
+    """A wrong PIN probed again and again: the card keeps its last try, and
+    each probe reports the PIN as not verified (an error exit)."""
+    card = SoftCard(new_card_state({1: os.urandom(8)}, pin=b"1234", max_retries=3))
+    lines: list[str] = []
+    for _ in range(4):
+        line, verified = cli_pcsc._pin_state(_selected_link(card), lambda: b"0000")
+        lines.append(line)
+        assert not verified
+    assert lines[0].startswith("PIN: wrong") and lines[1].startswith("PIN: wrong")
+    assert lines[2].startswith("PIN: not sent: the card has one try left")
+    assert lines[3] == lines[2]
+    assert card.state.pin is not None and card.state.pin.remaining == 1
+
+    # The right PIN still works with that last try left untouched.
+    line, verified = cli_pcsc._pin_state(_selected_link(card), lambda: b"1234")
+    assert line.startswith("PIN: not sent") and not verified
+
+
+def test_probe_pin_states() -> None:
+    no_pin = SoftCard(new_card_state({1: os.urandom(8)}))
+    assert cli_pcsc._pin_state(_selected_link(no_pin), None) == ("PIN: none", True)
+    with_pin = SoftCard(new_card_state({1: os.urandom(8)}, pin=b"1234"))
+    link = _selected_link(with_pin)
+    assert cli_pcsc._pin_state(link, None) == (
+        "PIN: set, 3 tries left, not verified",
+        True,
+    )
+    assert cli_pcsc._pin_state(link, lambda: b"1234") == ("PIN: verified", True)
+    assert cli_pcsc._pin_state(link, lambda: b"1234") == (
+        "PIN: verified already",
+        True,
+    )
