@@ -48,7 +48,7 @@ from iscl_hw.events import (
     ThroughModeReceived,
 )
 from iscl_hw.oplog import audit_authentication
-from iscl_hw.ratelimit import FailureLimiter
+from iscl_hw.ratelimit import FailureLimiter, held_against_peer
 from iscl_hw.settings import KeyProvider, Settings
 
 __all__ = ["AsyncChannel", "open_connection", "start_server"]
@@ -295,8 +295,14 @@ class AsyncChannel:
             await self._wait(lambda: self._endpoint.authenticated is not None)
         except ConnectionLost as exc:
             conn = self._endpoint.conn
-            if conn.role is Role.SERVER and conn.frames_received == 0:
+            if conn.frames_received == 0 and conn.role is Role.SERVER:
                 raise PeerNeverSpoke(f"peer sent no ISCL frame: {exc}") from exc
+            if conn.frames_received == 0 and not isinstance(exc, PeerTimeout):
+                raise ConnectionLost(
+                    f"{exc}; the server closed before line connection (at its "
+                    "connection limit, or refusing this address after failed "
+                    "handshakes?)"
+                ) from exc
             raise
         finally:
             _HANDSHAKING[loop] -= 1
@@ -670,7 +676,7 @@ async def start_server(
             if isinstance(exc, PeerNeverSpoke):
                 log.info("%s left without a word of ISCL: %s", peer, exc)
                 return False
-            if not isinstance(exc, CardError):
+            if held_against_peer(exc):
                 limiter.failure(peer)
             log.debug("handshake with %s failed: %s", peer, exc)
             audit_authentication(
@@ -712,7 +718,12 @@ async def start_server(
         nonlocal active
         peer = _host_of(writer.get_extra_info("peername"))
         if active >= max_connections or limiter.blocked(peer):
-            log.warning("refused %s: connection limit or failed handshakes", peer)
+            why = (
+                f"connection limit ({max_connections})"
+                if active >= max_connections
+                else "too many failed handshakes"
+            )
+            log.warning("refused %s: %s", peer, why)
             writer.transport.abort()
             return
         active += 1

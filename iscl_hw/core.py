@@ -122,6 +122,7 @@ class _Step(enum.Enum):
     CARD_SERVER_EXTERNAL = enum.auto()
     CARD_SERVER_ANSWER = enum.auto()
     CARD_CLIENT_ANSWER = enum.auto()
+    CARD_CLIENT_EARLY_CHALLENGE = enum.auto()
     CARD_CLIENT_CHALLENGE = enum.auto()
     CARD_CLIENT_EXPECT = enum.auto()
     CARD_CLIENT_EXTERNAL = enum.auto()
@@ -151,6 +152,7 @@ _SPAN_STEPS = frozenset(
         # Held through the answer to the client's challenge, so that the
         # span's end need not wait before pass 3 goes out.
         _Step.CARD_SERVER_ANSWER,
+        _Step.CARD_CLIENT_EARLY_CHALLENGE,
         _Step.CARD_CLIENT_CHALLENGE,
         _Step.CARD_CLIENT_EXPECT,
         _Step.WAIT_PASS3,
@@ -158,9 +160,14 @@ _SPAN_STEPS = frozenset(
     }
 )
 
+# Also in the span of a client that took its card first (see
+# Connection._client_card_first).
+_EARLY_CLIENT_SPAN_STEPS = frozenset({_Step.WAIT_PASS1, _Step.CARD_CLIENT_ANSWER})
+
 # A side whose card fails tells the peer with a NAK in the message it was
 # building, padded to that message's size.
 _CARD_FAILURE_REPORTS = {
+    _Step.CARD_CLIENT_EARLY_CHALLENGE: (MessageId.MUTUAL_AUTH_RP, 0),
     _Step.CARD_SERVER_CHALLENGE: (MessageId.MUTUAL_AUTH_PASS1_NOTIF, 8),
     _Step.CARD_CLIENT_ANSWER: (MessageId.MUTUAL_AUTH_PASS2_NOTIF, 16),
     _Step.CARD_CLIENT_CHALLENGE: (MessageId.MUTUAL_AUTH_PASS2_NOTIF, 16),
@@ -264,6 +271,7 @@ class Connection:
         self._own_answer = b""
         self._peer_answer = b""
         self._expected_answer = b""
+        self._client_span_early = False
 
         self._tx = _Tx.IDLE
         self._tx_queue: collections.deque[_Outgoing] = collections.deque()
@@ -301,7 +309,19 @@ class Connection:
         the server, until its answer to the client's challenge, right
         after): the driver keeps the card for this connection alone
         meanwhile."""
-        return self._phase is Phase.MUTUAL_AUTHENTICATION and self._step in _SPAN_STEPS
+        if self._phase is not Phase.MUTUAL_AUTHENTICATION:
+            return False
+        return self._step in _SPAN_STEPS or (
+            self._client_span_early and self._step in _EARLY_CLIENT_SPAN_STEPS
+        )
+
+    @property
+    def waiting_for_peer_card(self) -> bool:
+        """True while this side holds its card and waits for a pass the peer
+        can send only once it has its own card (pass 1, for a client that
+        took its card first): the wait is the handshake's, not the short
+        one for a peer's answer."""
+        return self._client_span_early and self._step is _Step.WAIT_PASS1
 
     @property
     def sending(self) -> bool:
@@ -567,6 +587,25 @@ class Connection:
             )
         self.auth_key_index = key_index
         self.peer_auth_data = auth_data
+        if self._client_card_first(auth_data):
+            self._client_span_early = True
+            self._ask_card(
+                _Step.CARD_CLIENT_EARLY_CHALLENGE, CardOperation.GET_CHALLENGE
+            )
+            return
+        self._answer_auth_rq()
+
+    def _client_card_first(self, server_auth_data: bytes) -> bool:
+        # Two sites that each serve and connect with one card could wait on
+        # each other for ever: each server holds its card for the other's
+        # client, which waits for its own card.  Both sides take the two
+        # cards of a connection in one order, that of their authentication
+        # data: the client takes its card before the server's (its GET
+        # CHALLENGE before it answers the request) when its data sorts
+        # first; otherwise, and when both are equal, after pass 1.
+        return self.settings.auth_data < server_auth_data
+
+    def _answer_auth_rq(self) -> None:
         own = self.settings.auth_data
         self._write(
             MessageId.MUTUAL_AUTH_RP,
@@ -575,7 +614,14 @@ class Connection:
         )
         self._step = _Step.WAIT_PASS1
 
+    def _card_client_early_challenge(self, request: CardRequest, data: bytes) -> None:
+        self._client_challenge = _challenge(data)
+        self._answer_auth_rq()
+
     def _on_auth_rp(self, frame: Frame) -> None:
+        if frame.option == NAK and frame.err_no == ErrorCode.LOCAL_ICCARD:
+            # A client that takes its card first reports its card here.
+            _check_card_result(frame, "GET CHALLENGE")
         _check_ack(frame, "mutual authentication request")
         (length,) = unpack_u32(self._order, frame.payload, 1)
         auth_data = frame.payload[4:]
@@ -626,10 +672,16 @@ class Connection:
 
     def _card_client_answer(self, request: CardRequest, data: bytes) -> None:
         self._own_answer = _challenge(data)
+        if self._client_span_early:
+            self._send_pass2()
+            return
         self._ask_card(_Step.CARD_CLIENT_CHALLENGE, CardOperation.GET_CHALLENGE)
 
     def _card_client_challenge(self, request: CardRequest, data: bytes) -> None:
         self._client_challenge = _challenge(data)
+        self._send_pass2()
+
+    def _send_pass2(self) -> None:
         self._write(
             MessageId.MUTUAL_AUTH_PASS2_NOTIF,
             self._own_answer + self._client_challenge,
@@ -1240,6 +1292,7 @@ _CARD_STEPS = {
     _Step.CARD_SERVER_EXTERNAL: Connection._card_server_external,
     _Step.CARD_SERVER_ANSWER: Connection._card_server_answer,
     _Step.CARD_CLIENT_ANSWER: Connection._card_client_answer,
+    _Step.CARD_CLIENT_EARLY_CHALLENGE: Connection._card_client_early_challenge,
     _Step.CARD_CLIENT_CHALLENGE: Connection._card_client_challenge,
     _Step.CARD_CLIENT_EXPECT: Connection._card_client_expect,
     _Step.CARD_CLIENT_EXTERNAL: Connection._card_client_external,

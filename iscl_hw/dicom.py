@@ -79,7 +79,6 @@ from iscl_hw.card import Card
 from iscl_hw.core import Connection, Phase, Role
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import (
-    CardError,
     ConnectionLost,
     IsclError,
     LineClosed,
@@ -89,7 +88,7 @@ from iscl_hw.errors import (
     TransmissionRefused,
 )
 from iscl_hw.oplog import audit_authentication
-from iscl_hw.ratelimit import FailureLimiter
+from iscl_hw.ratelimit import FailureLimiter, held_against_peer
 from iscl_hw.settings import KeyProvider, Settings
 
 __all__ = [
@@ -812,15 +811,17 @@ class IsclAssociationServer(ThreadedAssociationServer):
         options = self._options
         peer = str(address[0]) if isinstance(address, tuple) else str(address)
         with self._state:
-            refused = (
-                self._closing
-                or len(self._lines) + self._admitting >= options.max_connections
-                or options.limiter.blocked(peer)
-            )
-            if not refused:
+            refused = None
+            if self._closing:
+                refused = "shutting down"
+            elif len(self._lines) + self._admitting >= options.max_connections:
+                refused = f"connection limit ({options.max_connections})"
+            elif options.limiter.blocked(peer):
+                refused = "too many failed handshakes"
+            else:
                 self._admitting += 1
-        if refused:
-            log.warning("refused %s: connection limit or failed handshakes", peer)
+        if refused is not None:
+            log.warning("refused %s: %s", peer, refused)
             _close_quietly(tcp)
             return None
         try:
@@ -860,9 +861,8 @@ class IsclAssociationServer(ThreadedAssociationServer):
             line.app_socket.close()
             return None
         # A peer that fails, stalls or vanishes mid-handshake has held our
-        # card; only our own card's trouble, or our shutdown, is not held
-        # against it.
-        if not self._closing and not isinstance(line.error, CardError):
+        # card; our shutdown is not held against it.
+        if not self._closing and (line.error is None or held_against_peer(line.error)):
             options.limiter.failure(peer)
         line.app_socket.close()
         return None

@@ -52,7 +52,6 @@ from iscl_hw.core import Phase, Role
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import (
     AuthenticationError,
-    CardError,
     ConfigError,
     ConnectionLost,
     IntegrityError,
@@ -65,7 +64,7 @@ from iscl_hw.errors import (
     TransmissionRefused,
 )
 from iscl_hw.oplog import audit_authentication, format_peer
-from iscl_hw.ratelimit import FailureLimiter
+from iscl_hw.ratelimit import FailureLimiter, held_against_peer
 from iscl_hw.settings import KeyProvider, Settings
 
 __all__ = [
@@ -789,9 +788,7 @@ class _ServerGateway(Gateway):
                     raise _Refused("too many failed handshakes")
                 channel = await _handshake(self._channel(streams, Role.SERVER), peer)
         except IsclError as exc:
-            # Our own card's trouble, and a probe that never spoke ISCL, are
-            # not held against the peer.
-            if not isinstance(exc, CardError | PeerNeverSpoke):
+            if held_against_peer(exc):
                 self._limiter.failure(host)
             raise
         self._limiter.success(host)

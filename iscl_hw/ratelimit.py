@@ -15,7 +15,10 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["FailureLimiter"]
+from iscl_hw.constants import ErrorCode
+from iscl_hw.errors import CardError, IsclError, PeerNeverSpoke, RemoteProtocolError
+
+__all__ = ["FailureLimiter", "held_against_peer"]
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +70,16 @@ class FailureLimiter:
     def success(self, peer: str) -> None:
         with self._lock:
             self._failures.pop(peer, None)
+
+
+def held_against_peer(error: IsclError) -> bool:
+    """Whether a failed handshake counts towards the peer's limit.  Not
+    counted: our own card's trouble, a connection that never spoke ISCL,
+    and a peer that reports its own card failed (a card pulled out, busy
+    with another handshake): it held our card no longer than a good
+    handshake does, and learnt nothing a good one would not."""
+    if isinstance(error, CardError | PeerNeverSpoke):
+        return False
+    return not (
+        isinstance(error, RemoteProtocolError) and error.code is ErrorCode.REMOTE_ICCARD
+    )

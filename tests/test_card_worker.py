@@ -20,6 +20,7 @@ from iscl_hw.card import Card
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import CardCommunicationError, IsclError
 from iscl_hw.keyfile import KeyStore
+from iscl_hw.settings import Settings
 
 CALLS = ("get_challenge", "internal_authenticate", "external_authenticate")
 
@@ -260,3 +261,57 @@ def test_abandoned_job_never_reaches_the_card() -> None:
     assert ran == []
     with pytest.raises(RuntimeError, match="not finished"):
         job.result()
+
+
+def _two_sites(auth_data: tuple[bytes, bytes], connections: int) -> list[object]:
+    """Sites A and B, each with one blocking card that its server and its
+    clients share, each opening ``connections`` at once to the other.
+    Returns every client's outcome (None for success, else the error)."""
+    cards, keys = make_cards(), make_keys()
+    site_cards = (BlockingCard(cards.client, 0.001), BlockingCard(cards.server, 0.001))
+    ports: dict[int, int] = {}
+    both_listening = threading.Barrier(2)
+    both_done = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    async def site(me: int) -> None:
+        settings = Settings(auth_data=auth_data[me])
+        card = site_cards[me]
+        server = await aio.start_server(
+            _silent, "127.0.0.1", 0, card=card, keys=keys, settings=settings
+        )
+        ports[me] = server.sockets[0].getsockname()[1]
+        await asyncio.to_thread(both_listening.wait, 10)
+
+        async def connect() -> object:
+            try:
+                channel = await aio.open_connection(
+                    "127.0.0.1", ports[1 - me], card=card, keys=keys, settings=settings
+                )
+            except IsclError as exc:
+                return exc
+            await channel.close()
+            return None
+
+        results = await asyncio.gather(*(connect() for _ in range(connections)))
+        outcomes.extend(results)
+        await asyncio.to_thread(both_done.wait, 60)
+        server.close()
+        await server.wait_closed()
+
+    threads = [threading.Thread(target=asyncio.run, args=(site(me),)) for me in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    return outcomes
+
+
+def test_two_sites_each_serving_and_connecting_with_one_card() -> None:
+    """Traffic both ways between two sites whose server and clients share
+    one card each: the cards of every connection are taken in the order of
+    the sites' authentication data, so no two connections each hold one
+    card while waiting for the other's, and every handshake succeeds."""
+    outcomes = _two_sites((b"site-a", b"site-b"), connections=6)
+    assert len(outcomes) == 12
+    assert [o for o in outcomes if o is not None] == []

@@ -95,6 +95,13 @@ CLIENT_APDUS = [
     "INTERNAL AUTHENTICATE",
     "EXTERNAL AUTHENTICATE",
 ]
+EARLY_CLIENT_APDUS = [
+    "SELECT",
+    "GET CHALLENGE",
+    "INTERNAL AUTHENTICATE",
+    "INTERNAL AUTHENTICATE",
+    "EXTERNAL AUTHENTICATE",
+]
 SERVER_APDUS = [
     "SELECT",
     "GET CHALLENGE",
@@ -176,9 +183,11 @@ def test_handshake_succeeds(order: ByteOrder, chunk_size: int | None) -> None:
         assert side.conn.peer_version == VERSION_V1_00
         assert side.conn.data_to_send() == b""
         assert not side.conn.sending and not side.conn.receiving
+    # "client AE" sorts before "server AE title": the client takes its card
+    # first (its GET CHALLENGE before it answers the request).
     assert [r.operation for r in pair.client.card_requests] == [
-        CardOperation.INTERNAL_AUTHENTICATE,
         CardOperation.GET_CHALLENGE,
+        CardOperation.INTERNAL_AUTHENTICATE,
         CardOperation.INTERNAL_AUTHENTICATE,
         CardOperation.EXTERNAL_AUTHENTICATE,
     ]
@@ -188,9 +197,43 @@ def test_handshake_succeeds(order: ByteOrder, chunk_size: int | None) -> None:
         CardOperation.EXTERNAL_AUTHENTICATE,
         CardOperation.INTERNAL_AUTHENTICATE,
     ]
-    assert pair.cards.client_apdus.commands == CLIENT_APDUS
+    assert pair.cards.client_apdus.commands == EARLY_CLIENT_APDUS
     assert pair.cards.server_apdus.commands == SERVER_APDUS
     assert pair.cards.counters() == before
+    assert_span_free(pair)
+
+
+@pytest.mark.parametrize(
+    ("client_data", "server_data", "client_first"),
+    [
+        (b"hospital-a", b"hospital-b", True),
+        (b"hospital-b", b"hospital-a", False),
+        (b"iscl", b"iscl", False),
+    ],
+)
+def test_the_two_cards_are_taken_in_the_order_of_the_auth_data(
+    client_data: bytes, server_data: bytes, client_first: bool
+) -> None:
+    """Both cards of a connection are held in one order, that of the
+    authentication data, so two sites that each serve and connect with one
+    card never hold one card each while waiting for the other's."""
+    pair = ConnectionPair(
+        client_settings=Settings(auth_data=client_data),
+        server_settings=Settings(auth_data=server_data),
+    )
+    held_at_pass1: list[bool] = []
+
+    def hook(sender: str, raw: bytes, n: int) -> bytes:
+        if parse_frame(raw).message_id is MessageId.MUTUAL_AUTH_PASS1_NOTIF:
+            held_at_pass1.append(pair.client.arbiter.holds(pair.client.endpoint))
+        return raw
+
+    pair.hook = hook
+    pair.handshake()
+
+    assert held_at_pass1 == [client_first]
+    expected = EARLY_CLIENT_APDUS if client_first else CLIENT_APDUS
+    assert pair.cards.client_apdus.commands == expected
     assert_span_free(pair)
 
 
@@ -698,19 +741,38 @@ CARD_FAILURES = {
 }
 
 
-@pytest.mark.parametrize(("side", "fail_at"), sorted(CARD_FAILURES))
-def test_card_failure_is_reported_to_the_peer(side: str, fail_at: int) -> None:
+# The same for a client that takes its card first (its auth data sorts
+# before the server's).
+EARLY_CLIENT_CARD_FAILURES = {
+    (CLIENT, 0): MessageId.MUTUAL_AUTH_RP,  # GET CHALLENGE, before answering
+    (CLIENT, 1): MessageId.MUTUAL_AUTH_PASS2_NOTIF,  # answer INTERNAL AUTH
+    (CLIENT, 2): MessageId.MUTUAL_AUTH_COMPLETION_NOTIF,  # check INTERNAL AUTH
+    (CLIENT, 3): MessageId.MUTUAL_AUTH_COMPLETION_NOTIF,  # EXTERNAL AUTH
+}
+FAILURE_CASES = [(s, n, False) for s, n in sorted(CARD_FAILURES)] + [
+    (s, n, True) for s, n in sorted(EARLY_CLIENT_CARD_FAILURES)
+]
+
+
+@pytest.mark.parametrize(("side", "fail_at", "client_first"), FAILURE_CASES)
+def test_card_failure_is_reported_to_the_peer(
+    side: str, fail_at: int, client_first: bool
+) -> None:
     cards = make_cards()
     failing = FailingCard(getattr(cards, side), fail_at)
     cards = dataclasses.replace(cards, **{side: failing})
-    pair = ConnectionPair(cards=cards)
+    reports = EARLY_CLIENT_CARD_FAILURES if client_first else CARD_FAILURES
+    pair = ConnectionPair(
+        cards=cards,
+        client_settings=Settings(auth_data=b"a" if client_first else b"iscl"),
+    )
     pair.run()
 
     failed = pair[side]
     other = pair.server if side == CLIENT else pair.client
     assert failed.error is failing.error
     nak = pair.frames(side)[-1]
-    assert nak.message_id is CARD_FAILURES[side, fail_at]
+    assert nak.message_id is reports[side, fail_at]
     assert (nak.option, nak.err_no) == (NAK, ErrorCode.LOCAL_ICCARD)
     assert other.error is not None
     assert "LOCAL_ICCARD" in str(other.error)

@@ -12,7 +12,15 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
-from helpers import craft, make_cards, make_keys, random_keys, serving, settle
+from helpers import (
+    FailingCard,
+    craft,
+    make_cards,
+    make_keys,
+    random_keys,
+    serving,
+    settle,
+)
 
 import iscl_hw
 from iscl_hw import aio, sync
@@ -22,19 +30,22 @@ from iscl_hw.constants import (
     DEFAULT_MAX_MESSAGE_LENGTH,
     HEADER_LENGTH,
     VERSION_V1_00,
+    ErrorCode,
     MessageId,
 )
 from iscl_hw.core import Phase
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import (
+    CardError,
     ConnectionLost,
     IsclError,
     LineClosed,
     PeerNeverSpoke,
     PeerRejectedAuthentication,
     PeerTimeout,
+    RemoteProtocolError,
 )
-from iscl_hw.ratelimit import FailureLimiter
+from iscl_hw.ratelimit import FailureLimiter, held_against_peer
 from iscl_hw.wire import ByteOrder, pack_u32
 
 SHORT = 0.3  # seconds: the phase timeouts under test
@@ -319,8 +330,9 @@ def test_failed_authentications_get_a_peer_refused() -> None:
                     await connect(impostor)
                 await settle()
             assert limiter.blocked("127.0.0.1")
-            # Now even the right card is refused from this address.
-            with pytest.raises(ConnectionLost):
+            # Now even the right card is refused from this address, and the
+            # client's error says what may be behind the closed connection.
+            with pytest.raises(ConnectionLost, match="refusing this address"):
                 await connect(cards.client)
             await settle()
 
@@ -329,6 +341,43 @@ def test_failed_authentications_get_a_peer_refused() -> None:
     asyncio.run(scenario())
     assert cards.counters() == before
     assert cards.server_apdus.commands.count("GET CHALLENGE") == 3
+
+
+def test_a_peer_whose_own_card_fails_is_not_refused() -> None:
+    """A client whose card fails (pulled out, busy) tells the server so; that
+    is not a failed authentication, and a short pull of a card does not get
+    the site refused for the cool-down."""
+    cards, keys = make_cards(), make_keys()
+    limiter = FailureLimiter(max_failures=2, window=60.0, cooldown=60.0)
+
+    async def scenario() -> None:
+        async with serving(echo([]), cards.server, keys, limiter=limiter) as port:
+            for _ in range(4):
+                failing = FailingCard(cards.client, 0)  # its first operation
+                with pytest.raises(CardError):
+                    await aio.open_connection(
+                        "127.0.0.1", port, card=failing, keys=keys
+                    )
+                await settle()
+            assert not limiter.blocked("127.0.0.1")
+            async with await aio.open_connection(
+                "127.0.0.1", port, card=cards.client, keys=keys
+            ) as channel:
+                await channel.send(b"back")
+                assert await channel.recv() == b"back"
+
+    asyncio.run(scenario())
+
+
+def test_what_counts_against_a_peer() -> None:
+    assert held_against_peer(PeerRejectedAuthentication("wrong answer"))
+    assert held_against_peer(PeerTimeout("stalled while holding our card"))
+    assert held_against_peer(RemoteProtocolError("bad length", ErrorCode.BAD_LENGTH))
+    assert not held_against_peer(CardError("our card"))
+    assert not held_against_peer(PeerNeverSpoke("a probe"))
+    assert not held_against_peer(
+        RemoteProtocolError("peer's card failed", ErrorCode.REMOTE_ICCARD)
+    )
 
 
 # -- file descriptors ------------------------------------------------------------------
