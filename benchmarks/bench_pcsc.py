@@ -44,6 +44,7 @@ from iscl_hw.pcsc import (
     VPCD_PORTS,
     VPCD_READERS,
     PcscCard,
+    PcscCardRemoved,
     PcscdChild,
     pcscd_running,
 )
@@ -51,6 +52,20 @@ from softcard.cardfile import create_card_file, new_card_state
 from softcard.emulator import SoftCard
 from softcard.profiles import ProfiledCard
 from softcard.vpcd import VpcdCardBridge
+
+
+def open_card(reader: str) -> PcscCard:
+    """The card in ``reader``, once it is there: with a pcscd that was
+    already running, the reader may still show the card of the run before
+    for a moment (pcscd polls vpcd about three times a second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return PcscCard(reader, card_timeout=5)
+        except PcscCardRemoved:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
 
 
 def _ms(values: list[float], q: int) -> float:
@@ -83,7 +98,7 @@ def cards(
                 bridge = VpcdCardBridge(soft, "127.0.0.1", port)
                 bridge.start()
                 stack.callback(bridge.stop)
-            card = PcscCard(reader, card_timeout=5)
+            card = open_card(reader)
             stack.callback(card.close)
             opened.append(card)
         yield opened[0], opened[1], keys
@@ -129,7 +144,7 @@ def serve_peer(reader: str) -> None:
             await channel.recv_message()
 
     async def run() -> None:
-        card = PcscCard(reader, card_timeout=5)
+        card = open_card(reader)
         server = await aio.start_server(
             handle, "127.0.0.1", 0, card=card, keys=KeyStore(enc)
         )
@@ -154,7 +169,7 @@ def two_process_handshakes(profile: str, count: int) -> list[float]:
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for port in VPCD_PORTS:
             stack.enter_context(_serve_process(directory, auth, profile, port))
-        client_card = PcscCard(VPCD_READERS[1], card_timeout=5)
+        client_card = open_card(VPCD_READERS[1])
         stack.callback(client_card.close)
         server = subprocess.Popen(
             [sys.executable, __file__, "serve-peer", VPCD_READERS[0]],
