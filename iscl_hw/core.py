@@ -316,14 +316,6 @@ class Connection:
         )
 
     @property
-    def waiting_for_peer_card(self) -> bool:
-        """True while this side holds its card and waits for a pass the peer
-        can send only once it has its own card (pass 1, for a client that
-        took its card first): the wait is the handshake's, not the short
-        one for a peer's answer."""
-        return self._client_span_early and self._step is _Step.WAIT_PASS1
-
-    @property
     def sending(self) -> bool:
         """Our messages (or a disconnection request) are still queued or in
         transmission."""

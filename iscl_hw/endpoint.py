@@ -107,7 +107,7 @@ class Endpoint:
     def _current_wait(self) -> tuple[str | None, float | None]:
         conn, timeouts = self.conn, self.timeouts
         if conn.phase in _HANDSHAKE_PHASES:
-            if conn.card_span_open and not conn.waiting_for_peer_card:
+            if conn.card_span_open:
                 return "peer answer", timeouts.peer_answer
             return "handshake", timeouts.handshake
         if conn.phase is Phase.DISCONNECTION:

@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from iscl_hw.constants import ErrorCode
-from iscl_hw.errors import CardError, IsclError, PeerNeverSpoke, RemoteProtocolError
+from iscl_hw.errors import CardError, IsclError, PeerNeverSpoke
 
 __all__ = ["FailureLimiter", "held_against_peer"]
 
@@ -74,12 +73,8 @@ class FailureLimiter:
 
 def held_against_peer(error: IsclError) -> bool:
     """Whether a failed handshake counts towards the peer's limit.  Not
-    counted: our own card's trouble, a connection that never spoke ISCL,
-    and a peer that reports its own card failed (a card pulled out, busy
-    with another handshake): it held our card no longer than a good
-    handshake does, and learnt nothing a good one would not."""
-    if isinstance(error, CardError | PeerNeverSpoke):
-        return False
-    return not (
-        isinstance(error, RemoteProtocolError) and error.code is ErrorCode.REMOTE_ICCARD
-    )
+    counted: our own card's trouble and a connection that never spoke
+    ISCL.  A peer that reports its own card failed is counted: it may have
+    held our card up to the peer-answer limit first, and nothing tells an
+    honest card failure from one claimed to hold our card for free."""
+    return not isinstance(error, CardError | PeerNeverSpoke)

@@ -12,15 +12,18 @@ import threading
 import time
 
 import pytest
-from helpers import make_cards, make_keys, serving
+from helpers import craft, make_cards, make_keys, serving
 
 from iscl_hw import aio, sync
 from iscl_hw.aio import _CardJob
+from iscl_hw.arbiter import CardArbiter
 from iscl_hw.card import Card
+from iscl_hw.constants import HEADER_LENGTH, VERSION_V1_00, MessageId
 from iscl_hw.endpoint import Timeouts
-from iscl_hw.errors import CardCommunicationError, IsclError
+from iscl_hw.errors import CardCommunicationError, IsclError, PeerTimeout
 from iscl_hw.keyfile import KeyStore
 from iscl_hw.settings import Settings
+from iscl_hw.wire import ByteOrder, pack_u32
 
 CALLS = ("get_challenge", "internal_authenticate", "external_authenticate")
 
@@ -315,3 +318,58 @@ def test_two_sites_each_serving_and_connecting_with_one_card() -> None:
     outcomes = _two_sites((b"site-a", b"site-b"), connections=6)
     assert len(outcomes) == 12
     assert [o for o in outcomes if o is not None] == []
+
+
+def test_a_stalling_server_holds_an_early_client_card_no_longer_than_peer_answer() -> (
+    None
+):
+    """A client whose auth data sorts first takes its card before the
+    server's; a server that then never sends pass 1 holds that card no
+    longer than ``peer_answer``, as any span is held, not the whole
+    handshake limit."""
+    cards, keys = make_cards(), make_keys()
+    card = BlockingCard(cards.client)
+    settings = Settings(auth_data=b"aaa")
+    timeouts = Timeouts(handshake=10.0, peer_answer=0.3)
+
+    async def scenario() -> float:
+        async def stalling_server(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            writer.write(
+                craft(
+                    MessageId.LINE_CONNECTION_CHECK_RQ,
+                    pack_u32(ByteOrder.BIG, VERSION_V1_00, 8160),
+                )
+            )
+            await reader.readexactly(HEADER_LENGTH + 8)
+            auth = b"zzz"
+            writer.write(
+                craft(MessageId.MUTUAL_AUTH_RQ, pack_u32(ByteOrder.BIG, 0, 1, 3) + auth)
+            )
+            await reader.read(4096)  # the response; then nothing, ever
+            await asyncio.sleep(30)
+
+        server = await asyncio.start_server(stalling_server, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            started = time.monotonic()
+            with pytest.raises(PeerTimeout, match="peer answer limit"):
+                await aio.open_connection(
+                    "127.0.0.1",
+                    port,
+                    card=card,
+                    keys=keys,
+                    settings=settings,
+                    timeouts=timeouts,
+                )
+            return time.monotonic() - started
+
+    took = asyncio.run(scenario())
+    assert took < 3, took
+    assert [call for call, _ in card.threads][:2] == ["begin_span", "get_challenge"]
+    # The span is over: another connection can take the card at once.
+    arbiter = CardArbiter.for_card(card)
+    probe = object()
+    arbiter.acquire(probe)
+    arbiter.release(probe)

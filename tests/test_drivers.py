@@ -343,28 +343,28 @@ def test_failed_authentications_get_a_peer_refused() -> None:
     assert cards.server_apdus.commands.count("GET CHALLENGE") == 3
 
 
-def test_a_peer_whose_own_card_fails_is_not_refused() -> None:
-    """A client whose card fails (pulled out, busy) tells the server so; that
-    is not a failed authentication, and a short pull of a card does not get
-    the site refused for the cool-down."""
+def test_a_peer_reporting_its_card_failed_is_still_counted() -> None:
+    """A client that says its card failed after holding our card up to the
+    peer-answer limit must not hold it for free: such failures count, and
+    the client is told, when refused, that the server may be refusing its
+    address."""
     cards, keys = make_cards(), make_keys()
     limiter = FailureLimiter(max_failures=2, window=60.0, cooldown=60.0)
 
     async def scenario() -> None:
         async with serving(echo([]), cards.server, keys, limiter=limiter) as port:
-            for _ in range(4):
+            for _ in range(2):
                 failing = FailingCard(cards.client, 0)  # its first operation
                 with pytest.raises(CardError):
                     await aio.open_connection(
                         "127.0.0.1", port, card=failing, keys=keys
                     )
                 await settle()
-            assert not limiter.blocked("127.0.0.1")
-            async with await aio.open_connection(
-                "127.0.0.1", port, card=cards.client, keys=keys
-            ) as channel:
-                await channel.send(b"back")
-                assert await channel.recv() == b"back"
+            assert limiter.blocked("127.0.0.1")
+            with pytest.raises(ConnectionLost, match="refusing this address"):
+                await aio.open_connection(
+                    "127.0.0.1", port, card=cards.client, keys=keys
+                )
 
     asyncio.run(scenario())
 
@@ -375,7 +375,7 @@ def test_what_counts_against_a_peer() -> None:
     assert held_against_peer(RemoteProtocolError("bad length", ErrorCode.BAD_LENGTH))
     assert not held_against_peer(CardError("our card"))
     assert not held_against_peer(PeerNeverSpoke("a probe"))
-    assert not held_against_peer(
+    assert held_against_peer(
         RemoteProtocolError("peer's card failed", ErrorCode.REMOTE_ICCARD)
     )
 
