@@ -294,16 +294,10 @@ class AsyncChannel:
         try:
             await self._wait(lambda: self._endpoint.authenticated is not None)
         except ConnectionLost as exc:
-            conn = self._endpoint.conn
-            if conn.frames_received == 0 and conn.role is Role.SERVER:
-                raise PeerNeverSpoke(f"peer sent no ISCL frame: {exc}") from exc
-            if conn.frames_received == 0 and not isinstance(exc, PeerTimeout):
-                raise ConnectionLost(
-                    f"{exc}; the server closed before line connection (at its "
-                    "connection limit, or refusing this address after failed "
-                    "handshakes?)"
-                ) from exc
-            raise
+            explained = self._endpoint.lost_before_a_frame(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
         finally:
             _HANDSHAKING[loop] -= 1
 

@@ -10,11 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from iscl_hw.arbiter import CardArbiter
-from iscl_hw.core import Connection, Phase
+from iscl_hw.core import Connection, Phase, Role
 from iscl_hw.errors import (
     CardError,
+    ConnectionLost,
     IsclError,
     LineClosed,
+    PeerNeverSpoke,
     PeerRefusedClose,
     PeerTimeout,
     TransmissionRefused,
@@ -130,6 +132,23 @@ class Endpoint:
                 f"peer did not finish its message in time during {during}"
             )
         return PeerTimeout(f"peer sent nothing in time during {during}")
+
+    def lost_before_a_frame(self, error: ConnectionLost) -> ConnectionLost:
+        """``error`` explained when the handshake lost the connection before
+        the peer sent one ISCL frame: a server's peer never spoke ISCL (a
+        probe); a client's server closed at once (its connection limit, or
+        refusing this address).  Otherwise ``error`` itself."""
+        conn = self.conn
+        if conn.frames_received:
+            return error
+        if conn.role is Role.SERVER:
+            return PeerNeverSpoke(f"peer sent no ISCL frame: {error}")
+        if isinstance(error, PeerTimeout):
+            return error
+        return ConnectionLost(
+            f"{error}; the server closed before line connection (at its "
+            "connection limit, or refusing this address after failed handshakes?)"
+        )
 
     def _progressed(self) -> None:
         """A message went through: the transmission limit starts again."""

@@ -56,6 +56,14 @@ class Channel:
         sock.settimeout(timeouts.transmission)
         try:
             self._pump_until(lambda: self._endpoint.authenticated is not None)
+        except ConnectionLost as exc:
+            self.abort()
+            if role is Role.SERVER:
+                raise
+            explained = self._endpoint.lost_before_a_frame(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
         except BaseException:
             self.abort()
             raise

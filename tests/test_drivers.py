@@ -369,6 +369,35 @@ def test_a_peer_reporting_its_card_failed_is_still_counted() -> None:
     asyncio.run(scenario())
 
 
+def test_a_server_closing_at_once_is_explained_to_both_clients() -> None:
+    """A server that closes before line connection (at its connection limit,
+    or refusing the address): both clients' errors say what may be behind
+    it."""
+    cards, keys = make_cards(), make_keys()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def close_at_once() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            conn.close()
+
+    closer = threading.Thread(target=close_at_once)
+    closer.start()
+    try:
+        with pytest.raises(ConnectionLost, match="refusing this address"):
+            sync.connect("127.0.0.1", port, card=cards.client, keys=keys)
+
+        async def aio_client() -> None:
+            await aio.open_connection("127.0.0.1", port, card=cards.client, keys=keys)
+
+        with pytest.raises(ConnectionLost, match="refusing this address"):
+            asyncio.run(aio_client())
+    finally:
+        closer.join(10)
+        listener.close()
+
+
 def test_what_counts_against_a_peer() -> None:
     assert held_against_peer(PeerRejectedAuthentication("wrong answer"))
     assert held_against_peer(PeerTimeout("stalled while holding our card"))
