@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -123,6 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if site is not None:
             configure_logging(site.logging)
         return handler(args)
+    except BrokenPipeError:
+        # The reader of our output left (``iscl ... | head``): stop quietly,
+        # as other command-line tools do, without a second error at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except (IsclError, OSError) as exc:
         print(f"iscl: {exc}", file=sys.stderr)
         return 2

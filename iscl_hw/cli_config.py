@@ -123,20 +123,39 @@ def check_files(config: SiteConfig) -> list[Problem]:
                     f"run 'chmod 600 {path}'",
                 )
             )
-    for field, directory in _log_directories(config):
-        if not directory.is_dir():
-            found.append(config.problem(field, f"directory {directory} does not exist"))
+    for field, log_file in _log_files(config):
+        problem = _log_file_problem(log_file)
+        if problem is not None:
+            found.append(config.problem(field, problem))
     return found
 
 
-def _log_directories(config: SiteConfig) -> list[tuple[str, Path]]:
+def _log_files(config: SiteConfig) -> list[tuple[str, Path]]:
     logging_config = config.logging
     found = []
     if logging_config.file is not None:
-        found.append(("logging.file", logging_config.file.parent))
+        found.append(("logging.file", logging_config.file))
     if logging_config.audit_file is not None:
-        found.append(("logging.audit_file", logging_config.audit_file.parent))
+        found.append(("logging.audit_file", logging_config.audit_file))
     return found
+
+
+def _log_file_problem(path: Path) -> str | None:
+    """Why records could not be appended to ``path``, or None."""
+    if path.exists():
+        if not path.is_file():
+            return f"{path} is not a regular file"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable"
+        return None
+    directory = path.parent
+    if directory.exists() and not directory.is_dir():
+        return f"{directory} is not a directory"
+    if not directory.is_dir():
+        return f"directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot create {path}: directory {directory} is not writable"
+    return None
 
 
 def summary(config: SiteConfig) -> list[str]:

@@ -412,7 +412,7 @@ async def _send(
     refused = 0
     try:
         with bars:
-            for path in files:
+            for number, path in enumerate(files):
                 try:
                     await _send_one(
                         channel, path, chunk_size, timeouts.transmission, bars
@@ -420,9 +420,10 @@ async def _send(
                 except _Refused as exc:
                     print(f"iscl send: {exc}", file=sys.stderr)
                     refused += 1
-                except FileTransferError:
-                    raise
                 except IsclError as exc:
+                    _not_sent(files[number + 1 :])
+                    if isinstance(exc, FileTransferError):
+                        raise
                     raise FileTransferError(f"{path.name}: {exc}") from exc
         await channel.close()
     except asyncio.CancelledError:
@@ -435,6 +436,13 @@ async def _send(
         await channel.abort()
         raise
     return EXIT_ERROR if refused else EXIT_OK
+
+
+def _not_sent(paths: list[Path]) -> None:
+    """Name the files a failed connection left unsent."""
+    if paths:
+        names = ", ".join(path.name for path in paths)
+        print(f"iscl send: not sent (the connection ended): {names}", file=sys.stderr)
 
 
 def _not_reached(exc: IsclError) -> bool:

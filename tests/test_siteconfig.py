@@ -912,6 +912,7 @@ def test_config_check_names_missing_and_unsafe_files(
         card_file = "cards/missing.card"
         key_file = "cards/server.keys"
         [logging]
+        file = "cards"
         audit_file = "nowhere/audit.log"
         """,
     )
@@ -924,7 +925,9 @@ def test_config_check_names_missing_and_unsafe_files(
         f"iscl config check: {path}:7: card.key_file: "
         f"{softcard_files / 'server.keys'} is accessible by group or other "
         f"(mode 0644); run 'chmod 600 {softcard_files / 'server.keys'}'",
-        f"iscl config check: {path}:9: logging.audit_file: directory "
+        f"iscl config check: {path}:9: logging.file: {softcard_files} is not a "
+        "regular file",
+        f"iscl config check: {path}:10: logging.audit_file: directory "
         f"{tmp_path / 'nowhere'} does not exist",
     ]
 
@@ -1079,3 +1082,20 @@ def test_the_deployment_guide_site_files_parse() -> None:
 
     roles = [parse_site_config(block).role.value for block in blocks]
     assert roles == ["server", "client"]
+
+
+def test_config_check_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    """``iscl config check FILE | head -1``: the reader leaves early; iscl
+    stops with 141 (as SIGPIPE would) and no error on standard error."""
+    docs = Path(__file__).resolve().parent.parent / "docs" / "siteconfig.md"
+    example = docs.read_text(encoding="utf-8").split("```toml\n")[1].split("```")[0]
+    path = write(tmp_path, example, "server.toml")
+    command = [sys.executable, "-m", "iscl_hw", "config", "check", str(path)]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # before iscl has written anything
+        err = process.stderr.read().decode()
+        assert process.wait(60) == 141
+    assert err == ""

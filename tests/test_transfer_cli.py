@@ -228,8 +228,11 @@ def test_a_receiver_that_cannot_write_tells_the_sender_why(
         max_file_bytes=300_000,
     )
 
+    after = sites.root / "after.txt"
+    after.write_bytes(b"queued behind the big one")
     sent = send(
         str(source),
+        str(after),
         "--to",
         f"127.0.0.1:{receiver.port}",
         "--chunk-size",
@@ -241,6 +244,7 @@ def test_a_receiver_that_cannot_write_tells_the_sender_why(
     assert "big.dcm: the receiver gave up on it: cannot write: File too large" in (
         sent.stderr
     ), sent.stderr
+    assert "not sent (the connection ended): after.txt" in sent.stderr
     assert os.listdir(sites.inbox) == []
     code, _, err = receiver.finish()
     assert code != 0 and "cannot write: File too large" in err, (code, err)
