@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from iscl_hw.arbiter import CardArbiter
@@ -48,7 +48,7 @@ from iscl_hw.events import (
     ThroughModeReceived,
 )
 from iscl_hw.oplog import audit_authentication
-from iscl_hw.ratelimit import FailureLimiter, held_against_peer
+from iscl_hw.ratelimit import FailureLimiter, NoSlot, PeerSlots, held_against_peer
 from iscl_hw.settings import KeyProvider, Settings
 
 __all__ = ["AsyncChannel", "open_connection", "start_server"]
@@ -608,32 +608,6 @@ async def open_connection(
 Handler = Callable[[AsyncChannel], Awaitable[None]]
 
 
-class _PeerSlots:
-    """At most ``size`` handshakes at a time from one address; more wait."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._slots: dict[str, tuple[asyncio.Semaphore, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, peer: str, timeout: float) -> AsyncIterator[None]:
-        semaphore, users = self._slots.get(peer, (asyncio.Semaphore(self._size), 0))
-        self._slots[peer] = (semaphore, users + 1)
-        try:
-            async with asyncio.timeout(timeout):
-                await semaphore.acquire()
-            try:
-                yield
-            finally:
-                semaphore.release()
-        finally:
-            semaphore, users = self._slots[peer]
-            if users == 1:
-                del self._slots[peer]
-            else:
-                self._slots[peer] = (semaphore, users - 1)
-
-
 async def start_server(
     handler: Handler,
     host: str,
@@ -658,7 +632,7 @@ async def start_server(
     settings = settings or Settings()
     timeouts = timeouts or Timeouts()
     limiter = limiter or FailureLimiter()
-    slots = _PeerSlots(max_handshakes_per_peer)
+    slots = PeerSlots(max_handshakes_per_peer)
     active = 0
 
     async def authenticate(channel: AsyncChannel, peer: str) -> bool:
@@ -732,7 +706,7 @@ async def start_server(
                         reader, writer, Role.SERVER, card, keys, settings, timeouts
                     )
                     authenticated = await authenticate(channel, peer)
-            except TimeoutError:
+            except NoSlot:
                 log.warning("refused %s: its other handshakes took too long", peer)
                 return
             if authenticated:

@@ -34,7 +34,6 @@ carries is the one per-peer limits and the log use.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ipaddress
 import logging
@@ -64,7 +63,7 @@ from iscl_hw.errors import (
     TransmissionRefused,
 )
 from iscl_hw.oplog import audit_authentication, format_peer
-from iscl_hw.ratelimit import FailureLimiter, held_against_peer
+from iscl_hw.ratelimit import FailureLimiter, NoSlot, PeerSlots, held_against_peer
 from iscl_hw.settings import KeyProvider, Settings
 
 __all__ = [
@@ -548,34 +547,6 @@ class _Connection:
         )
 
 
-class _PeerSlots:
-    """At most ``size`` handshakes at once from one address; more wait."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._slots: dict[str, asyncio.Semaphore] = {}
-        self._users: collections.Counter[str] = collections.Counter()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, peer: str, timeout: float) -> AsyncIterator[None]:
-        semaphore = self._slots.setdefault(peer, asyncio.Semaphore(self._size))
-        self._users[peer] += 1
-        try:
-            try:
-                async with asyncio.timeout(timeout):
-                    await semaphore.acquire()
-            except TimeoutError:
-                raise _Refused("its other handshakes took too long") from None
-            try:
-                yield
-            finally:
-                semaphore.release()
-        finally:
-            self._users[peer] -= 1
-            if not self._users[peer]:
-                del self._users[peer], self._slots[peer]
-
-
 class Gateway:
     """A listening gateway, from :func:`start_server_gateway` or
     :func:`start_tunnel_gateway`.  :meth:`shutdown` stops it gracefully."""
@@ -586,7 +557,7 @@ class Gateway:
         self._setup = setup
         self._limits = setup.limits
         self._timeouts = setup.timeouts
-        self._slots = _PeerSlots(setup.limits.max_handshakes)
+        self._slots = PeerSlots(setup.limits.max_handshakes)
         self._connections: dict[asyncio.Task[None], _Connection] = {}
         self._stopping = False
         self._server: asyncio.Server | None = None
@@ -679,6 +650,15 @@ class Gateway:
         writer: asyncio.StreamWriter,
     ) -> None:
         raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, peer: str) -> AsyncIterator[None]:
+        """One of ``peer``'s handshake slots; refused when none frees in time."""
+        try:
+            async with self._slots.hold(peer, self._limits.handshake_wait):
+                yield
+        except NoSlot:
+            raise _Refused("its other handshakes took too long") from None
 
     def _channel(
         self, streams: tuple[asyncio.StreamReader, asyncio.StreamWriter], role: Role
@@ -783,7 +763,7 @@ class _ServerGateway(Gateway):
         if self._limiter.blocked(host):
             raise _Refused("too many failed handshakes")
         try:
-            async with self._slots.hold(host, self._limits.handshake_wait):
+            async with self._turn(host):
                 if self._limiter.blocked(host):
                     raise _Refused("too many failed handshakes")
                 channel = await _handshake(self._channel(streams, Role.SERVER), peer)
@@ -809,7 +789,7 @@ class _TunnelGateway(Gateway):
         writer: asyncio.StreamWriter,
     ) -> None:
         # One remote: the per-peer slots become a limit on all handshakes.
-        async with self._slots.hold("remote", self._limits.handshake_wait):
+        async with self._turn("remote"):
             streams = await self._open_stream(self._connect)
             channel = await _handshake(
                 self._channel(streams, Role.CLIENT), format_peer(self._connect)

@@ -9,15 +9,17 @@ seconds, its new connections are refused for ``cooldown`` seconds.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from iscl_hw.errors import CardError, IsclError, PeerNeverSpoke
 
-__all__ = ["FailureLimiter", "held_against_peer"]
+__all__ = ["FailureLimiter", "NoSlot", "PeerSlots", "held_against_peer"]
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +80,38 @@ def held_against_peer(error: IsclError) -> bool:
     held our card up to the peer-answer limit first, and nothing tells an
     honest card failure from one claimed to hold our card for free."""
     return not isinstance(error, CardError | PeerNeverSpoke)
+
+
+class NoSlot(TimeoutError):
+    """No handshake slot of the peer's freed in time."""
+
+
+class PeerSlots:
+    """At most ``size`` handshakes at a time from one address (asyncio);
+    more wait their turn."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._users: collections.Counter[str] = collections.Counter()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, peer: str, timeout: float) -> AsyncIterator[None]:
+        """A slot of ``peer``'s for the ``async with`` body; raises NoSlot
+        if none is free within ``timeout``."""
+        semaphore = self._slots.setdefault(peer, asyncio.Semaphore(self._size))
+        self._users[peer] += 1
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    await semaphore.acquire()
+            except TimeoutError:
+                raise NoSlot(f"{peer}'s other handshakes took too long") from None
+            try:
+                yield
+            finally:
+                semaphore.release()
+        finally:
+            self._users[peer] -= 1
+            if not self._users[peer]:
+                del self._users[peer], self._slots[peer]
