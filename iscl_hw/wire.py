@@ -224,9 +224,10 @@ class FrameDecoder:
 
 
 # What a peer's first bytes are when they are not ISCL, for a clearer error.
+_BEHIND_A_PROXY = " (a proxy in front of a gateway started without --proxy-protocol?)"
 _FOREIGN_STARTS = (
-    (b"PROXY ", "a PROXY protocol v1 header"),
-    (b"\r\n\r\n\x00\r\nQUIT\n", "a PROXY protocol v2 header"),
+    (b"PROXY ", "a PROXY protocol v1 header" + _BEHIND_A_PROXY),
+    (b"\r\n\r\n\x00\r\nQUIT\n", "a PROXY protocol v2 header" + _BEHIND_A_PROXY),
     (b"\x16\x03", "a TLS handshake"),
     (b"GET ", "an HTTP request"),
     (b"POST ", "an HTTP request"),
@@ -238,10 +239,5 @@ _FOREIGN_STARTS = (
 def _not_iscl_hint(start: bytes | bytearray) -> str:
     for prefix, what in _FOREIGN_STARTS:
         if start.startswith(prefix):
-            hint = f"; the peer sent {what}, not ISCL"
-            if what.startswith("a PROXY"):
-                hint += (
-                    " (a proxy in front of a gateway started without --proxy-protocol?)"
-                )
-            return hint
+            return f"; not ISCL: the peer sent {what}"
     return ""
