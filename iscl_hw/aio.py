@@ -12,8 +12,8 @@ connection is the loop's only handshake, the loop waits in place for up
 to 2 ms for an answer the handshake needs (a virtual card or a fast reader
 answers within); otherwise, and for slower cards and work the core asks for
 ahead, it awaits the answer.  The end of a card span runs on the worker
-too.  A card
-that answers at once (the in-process software card) is called inline.
+too.  A card that answers at once (the in-process software card) is called
+inline.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ _WORKER_IDLE = 5.0
 _WAIT_IN_PLACE = 0.002
 
 
+_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[bytes]"]
+
+
 class _CardJob:
     """One card operation handed to a worker thread.  The loop first waits a
     moment for it in place (:meth:`wait_in_place`), then, for a slower card,
@@ -75,8 +78,7 @@ class _CardJob:
         self._finished.acquire()
         self._guard = threading.Lock()
         self._outcome: bytes | BaseException | None = None
-        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[bytes]] | None
-        self._waiter = None
+        self._waiter: _Waiter | None = None
         #: Set when the connection gave up; a job not yet begun is skipped.
         self.abandoned = False
 
