@@ -148,10 +148,8 @@ _SPAN_STEPS = frozenset(
         _Step.CARD_SERVER_CHALLENGE,
         _Step.CARD_SERVER_EXPECT,
         _Step.WAIT_PASS2,
-        _Step.CARD_SERVER_EXTERNAL,
-        # Held through the answer to the client's challenge, so that the
-        # span's end need not wait before pass 3 goes out.
         _Step.CARD_SERVER_ANSWER,
+        _Step.CARD_SERVER_EXTERNAL,
         _Step.CARD_CLIENT_EARLY_CHALLENGE,
         _Step.CARD_CLIENT_CHALLENGE,
         _Step.CARD_CLIENT_EXPECT,
@@ -172,7 +170,6 @@ _CARD_FAILURE_REPORTS = {
     _Step.CARD_CLIENT_ANSWER: (MessageId.MUTUAL_AUTH_PASS2_NOTIF, 16),
     _Step.CARD_CLIENT_CHALLENGE: (MessageId.MUTUAL_AUTH_PASS2_NOTIF, 16),
     _Step.CARD_SERVER_EXPECT: (MessageId.MUTUAL_AUTH_PASS3_NOTIF, 8),
-    _Step.CARD_SERVER_EXTERNAL: (MessageId.MUTUAL_AUTH_PASS3_NOTIF, 8),
     _Step.CARD_SERVER_ANSWER: (MessageId.MUTUAL_AUTH_PASS3_NOTIF, 8),
     _Step.CARD_CLIENT_EXPECT: (MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, 0),
     _Step.CARD_CLIENT_EXTERNAL: (MessageId.MUTUAL_AUTH_COMPLETION_NOTIF, 0),
@@ -305,10 +302,8 @@ class Connection:
 
     @property
     def card_span_open(self) -> bool:
-        """True from GET CHALLENGE until EXTERNAL AUTHENTICATE is over (on
-        the server, until its answer to the client's challenge, right
-        after): the driver keeps the card for this connection alone
-        meanwhile."""
+        """True from GET CHALLENGE until EXTERNAL AUTHENTICATE is over: the
+        driver keeps the card for this connection alone meanwhile."""
         if self._phase is not Phase.MUTUAL_AUTHENTICATION:
             return False
         return self._step in _SPAN_STEPS or (
@@ -474,7 +469,10 @@ class Connection:
         self._emit(request)
 
     def _report_card_failure(self) -> None:
-        message_id, size = _CARD_FAILURE_REPORTS[self._step]
+        report = _CARD_FAILURE_REPORTS.get(self._step)
+        if report is None:
+            return  # the server's EXTERNAL AUTHENTICATE: pass 3 is out
+        message_id, size = report
         self._nak(message_id, ErrorCode.LOCAL_ICCARD, bytes(size))
 
     def _nak(
@@ -697,13 +695,6 @@ class Connection:
             )
             raise PeerAuthenticationFailed("client's answer to our challenge is wrong")
         self._ask_card(
-            _Step.CARD_SERVER_EXTERNAL,
-            CardOperation.EXTERNAL_AUTHENTICATE,
-            self._peer_answer,
-        )
-
-    def _card_server_external(self, request: CardRequest, data: bytes) -> None:
-        self._ask_card(
             _Step.CARD_SERVER_ANSWER,
             CardOperation.INTERNAL_AUTHENTICATE,
             self._client_challenge,
@@ -711,6 +702,17 @@ class Connection:
 
     def _card_server_answer(self, request: CardRequest, data: bytes) -> None:
         self._write(MessageId.MUTUAL_AUTH_PASS3_NOTIF, _challenge(data), option=ACK)
+        # The card's own check of an answer the host has already matched
+        # runs while pass 3 travels; the connection is authenticated only
+        # once it has passed (a failure ends it: pass 3 is already out).
+        self._ask_card(
+            _Step.CARD_SERVER_EXTERNAL,
+            CardOperation.EXTERNAL_AUTHENTICATE,
+            self._peer_answer,
+            ahead=True,
+        )
+
+    def _card_server_external(self, request: CardRequest, data: bytes) -> None:
         self._step = _Step.WAIT_COMPLETION
 
     def _on_pass3(self, frame: Frame) -> None:

@@ -106,8 +106,8 @@ SERVER_APDUS = [
     "SELECT",
     "GET CHALLENGE",
     "INTERNAL AUTHENTICATE",
-    "EXTERNAL AUTHENTICATE",
     "INTERNAL AUTHENTICATE",
+    "EXTERNAL AUTHENTICATE",
 ]
 
 
@@ -194,8 +194,8 @@ def test_handshake_succeeds(order: ByteOrder, chunk_size: int | None) -> None:
     assert [r.operation for r in pair.server.card_requests] == [
         CardOperation.GET_CHALLENGE,
         CardOperation.INTERNAL_AUTHENTICATE,
-        CardOperation.EXTERNAL_AUTHENTICATE,
         CardOperation.INTERNAL_AUTHENTICATE,
+        CardOperation.EXTERNAL_AUTHENTICATE,
     ]
     assert pair.cards.client_apdus.commands == EARLY_CLIENT_APDUS
     assert pair.cards.server_apdus.commands == SERVER_APDUS
@@ -249,22 +249,25 @@ def test_challenges_are_fresh_and_answers_are_right() -> None:
     assert other.frames()[4].payload != server_challenge
 
 
-def test_expected_answer_is_asked_ahead_once_our_challenge_is_out() -> None:
+def test_card_work_off_the_critical_path_is_asked_ahead() -> None:
     """Each side asks its own card for the answer it expects while the peer
-    works on the pass carrying its challenge: the request comes after that
-    pass is written, marked ``ahead``, and is the only one so marked."""
+    works on the pass carrying its challenge, and the server's EXTERNAL
+    AUTHENTICATE runs while pass 3 travels: each such request comes after
+    the pass is written and is marked ``ahead``; no other request is."""
     pair = ConnectionPair()
-    written_before: dict[str, list[MessageId | int]] = {}
+    written_before: dict[str, list[list[MessageId | int]]] = {}
     for side in pair.sides:
         run_card = side.endpoint.run_card
 
         def run(request, side=side, run_card=run_card):  # type: ignore[no-untyped-def]
             if request.ahead:
                 pending = side.conn.data_to_send()
-                written_before[side.name] = [
-                    parse_frame(raw).message_id
-                    for raw in split_frames(bytearray(pending), pair.order)
-                ]
+                written_before.setdefault(side.name, []).append(
+                    [
+                        parse_frame(raw).message_id
+                        for raw in split_frames(bytearray(pending), pair.order)
+                    ]
+                )
                 side.outbox += pending
             run_card(request)
 
@@ -272,23 +275,33 @@ def test_expected_answer_is_asked_ahead_once_our_challenge_is_out() -> None:
     pair.handshake()
 
     assert written_before == {
-        SERVER: [MessageId.MUTUAL_AUTH_PASS1_NOTIF],
-        CLIENT: [MessageId.MUTUAL_AUTH_PASS2_NOTIF],
+        SERVER: [
+            [MessageId.MUTUAL_AUTH_PASS1_NOTIF],
+            [MessageId.MUTUAL_AUTH_PASS3_NOTIF],
+        ],
+        CLIENT: [[MessageId.MUTUAL_AUTH_PASS2_NOTIF]],
     }
     frames = {f.message_id: f.payload for f in pair.frames()}
-    for side, challenge in (
-        (SERVER, frames[MessageId.MUTUAL_AUTH_PASS1_NOTIF]),
-        (CLIENT, frames[MessageId.MUTUAL_AUTH_PASS2_NOTIF][8:]),
-    ):
-        ahead = [r for r in pair[side].card_requests if r.ahead]
-        assert [(r.operation, r.data) for r in ahead] == [
-            (CardOperation.INTERNAL_AUTHENTICATE, challenge)
-        ]
+    pass2 = frames[MessageId.MUTUAL_AUTH_PASS2_NOTIF]
+    ahead = {
+        side: [(r.operation, r.data) for r in pair[side].card_requests if r.ahead]
+        for side in (SERVER, CLIENT)
+    }
+    assert ahead == {
+        SERVER: [
+            (
+                CardOperation.INTERNAL_AUTHENTICATE,
+                frames[MessageId.MUTUAL_AUTH_PASS1_NOTIF],
+            ),
+            (CardOperation.EXTERNAL_AUTHENTICATE, pass2[:8]),
+        ],
+        CLIENT: [(CardOperation.INTERNAL_AUTHENTICATE, pass2[8:])],
+    }
 
 
-def test_server_span_ends_after_its_answer_to_the_client() -> None:
-    """The server keeps its span through INTERNAL AUTHENTICATE of the
-    client's challenge, so a driver can end it while pass 3 travels."""
+def test_server_span_ends_after_its_external_authenticate() -> None:
+    """The server holds its span from GET CHALLENGE through EXTERNAL
+    AUTHENTICATE, which now comes last, after pass 3 is written."""
     pair = ConnectionPair()
     spans: list[tuple[CardOperation, bool]] = []
     run_card = pair.server.endpoint.run_card
@@ -303,9 +316,27 @@ def test_server_span_ends_after_its_answer_to_the_client() -> None:
     assert spans == [
         (CardOperation.GET_CHALLENGE, True),
         (CardOperation.INTERNAL_AUTHENTICATE, True),  # the expected answer
-        (CardOperation.EXTERNAL_AUTHENTICATE, True),
-        (CardOperation.INTERNAL_AUTHENTICATE, False),  # pass 3 is written
+        (CardOperation.INTERNAL_AUTHENTICATE, True),  # pass 3 is written
+        (CardOperation.EXTERNAL_AUTHENTICATE, False),
     ]
+    assert_span_free(pair)
+
+
+def test_server_external_authenticate_failing_after_pass3_ends_the_server() -> None:
+    """Pass 3 is out when the server's card checks the client's answer: a
+    card failing there cannot be told to the client in a pass, so the
+    server ends the connection unauthenticated, with its card's error and
+    its span free; it never reports the client authenticated."""
+    cards = make_cards()
+    failing = FailingCard(cards.server, 3)
+    pair = ConnectionPair(cards=dataclasses.replace(cards, server=failing))
+    pair.run()
+
+    assert failing.calls[-1] == "EXTERNAL AUTHENTICATE"
+    assert pair.server.error is failing.error
+    assert pair.server.endpoint.authenticated is None
+    last = pair.frames(SERVER)[-1]
+    assert (last.message_id, last.option) == (MessageId.MUTUAL_AUTH_PASS3_NOTIF, ACK)
     assert_span_free(pair)
 
 
@@ -732,8 +763,7 @@ def test_vanishing_peer_releases_a_held_span(vanishing: str, frames: int) -> Non
 CARD_FAILURES = {
     (SERVER, 0): MessageId.MUTUAL_AUTH_PASS1_NOTIF,  # GET CHALLENGE
     (SERVER, 1): MessageId.MUTUAL_AUTH_PASS3_NOTIF,  # check INTERNAL AUTH
-    (SERVER, 2): MessageId.MUTUAL_AUTH_PASS3_NOTIF,  # EXTERNAL AUTH
-    (SERVER, 3): MessageId.MUTUAL_AUTH_PASS3_NOTIF,  # answer INTERNAL AUTH
+    (SERVER, 2): MessageId.MUTUAL_AUTH_PASS3_NOTIF,  # answer INTERNAL AUTH
     (CLIENT, 0): MessageId.MUTUAL_AUTH_PASS2_NOTIF,  # answer INTERNAL AUTH
     (CLIENT, 1): MessageId.MUTUAL_AUTH_PASS2_NOTIF,  # GET CHALLENGE
     (CLIENT, 2): MessageId.MUTUAL_AUTH_COMPLETION_NOTIF,  # check INTERNAL AUTH
