@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pcsc import cards as pcsc_cards
 
-from iscl_hw import aio, softhsm
+from iscl_hw import aio, eventloop, softhsm
 from iscl_hw.card import ApduCard, Card
 from iscl_hw.constants import KEY_INDEXES
 from iscl_hw.errors import IsclError
@@ -107,17 +107,17 @@ def main() -> None:
 
     report(
         "in-process virtual card",
-        asyncio.run(rate(soft_card("server"), args.clients, args.seconds)),
+        eventloop.run(rate(soft_card("server"), args.clients, args.seconds)),
     )
     with (
         tempfile.TemporaryDirectory() as directory,
         token_card(Path(directory)) as card,
     ):
-        report("SoftHSM2 token", asyncio.run(rate(card, args.clients, args.seconds)))
+        report("SoftHSM2 token", eventloop.run(rate(card, args.clients, args.seconds)))
     with pcsc_cards("plain", auth=AUTH) as (server, _client, _keys):
         report(
             "virtual card behind pcscd + vpcd",
-            asyncio.run(rate(server, args.clients, args.seconds)),
+            eventloop.run(rate(server, args.clients, args.seconds)),
         )
 
 

@@ -19,7 +19,7 @@ import os
 import statistics
 import time
 
-from iscl_hw import aio, crypto
+from iscl_hw import aio, crypto, eventloop
 from iscl_hw.card import ApduCard, Card
 from iscl_hw.constants import KEY_INDEXES, MacMethod
 from iscl_hw.core import Connection, Role
@@ -169,8 +169,9 @@ def main() -> None:
     parser.add_argument("--handshakes", type=int, default=300)
     parser.add_argument("--megabytes", type=int, default=16)
     args = parser.parse_args()
+    print(f"event loop: {eventloop.loop_name()} (ISCL_EVENT_LOOP chooses)")
 
-    times = asyncio.run(bench_handshakes(args.handshakes))
+    times = eventloop.run(bench_handshakes(args.handshakes))
     times.sort()
     print(
         f"handshake over TCP, virtual cards: median "
@@ -185,7 +186,7 @@ def main() -> None:
         f"(both ends: encrypt and decrypt)"
     )
     for mac in (MacMethod.MD5, MacMethod.DESMAC):
-        rate = asyncio.run(bench_throughput(args.megabytes, Settings(mac=mac)))
+        rate = eventloop.run(bench_throughput(args.megabytes, Settings(mac=mac)))
         print(f"over TCP, DES-CBC + {mac.name:6}:            {rate:6.1f} MB/s")
 
 

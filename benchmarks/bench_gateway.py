@@ -50,7 +50,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from iscl_hw import gateway
+from iscl_hw import eventloop, gateway
 from iscl_hw.card import ApduCard
 from iscl_hw.constants import KEY_INDEXES
 from iscl_hw.errors import LineClosed
@@ -377,7 +377,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.command == "gateway":
-        asyncio.run(run_gateway(args))
+        eventloop.run(run_gateway(args))
         return
     if not args.skip_throughput:
         bench_throughput(args)

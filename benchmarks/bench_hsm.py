@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_core import bench_throughput, time_handshakes
 
-from iscl_hw import aio, softhsm
+from iscl_hw import aio, eventloop, softhsm
 from iscl_hw.constants import KEY_INDEXES, MacMethod
 from iscl_hw.errors import IsclError
 from iscl_hw.hsm import KeyKind, Token, TokenCard, TokenConfig, TokenKeys
@@ -105,7 +105,7 @@ def main() -> None:
         server, client = make_tokens(Path(directory))
         print(f"SoftHSM2 tokens, single DES as {server.way.name}")
 
-        times = asyncio.run(
+        times = eventloop.run(
             time_handshakes(
                 TokenCard(server),
                 TokenCard(client),
@@ -120,7 +120,9 @@ def main() -> None:
             f"({len(times)} runs)"
         )
 
-        ok, waits = asyncio.run(concurrent_handshakes(server, client, args.concurrent))
+        ok, waits = eventloop.run(
+            concurrent_handshakes(server, client, args.concurrent)
+        )
         print(
             f"{args.concurrent} concurrent handshakes, one token each side: {ok} "
             f"succeeded, longest {max(waits) * 1000:.0f} ms, median "
@@ -135,8 +137,10 @@ def main() -> None:
                 TokenKeys(server),
                 TokenKeys(client),
             )
-            token_rate = asyncio.run(bench_throughput(args.megabytes, settings, sides))
-            soft_rate = asyncio.run(bench_throughput(args.megabytes, settings))
+            token_rate = eventloop.run(
+                bench_throughput(args.megabytes, settings, sides)
+            )
+            soft_rate = eventloop.run(bench_throughput(args.megabytes, settings))
             print(
                 f"over TCP, DES-CBC + {mac.name:6}: keys in SoftHSM2 "
                 f"{token_rate:5.1f} MB/s, software keys {soft_rate:5.1f} MB/s"

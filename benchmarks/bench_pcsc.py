@@ -15,7 +15,9 @@ Reports:
   reference for how fast this machine is at the time.
 
 Starts a private ``pcscd --foreground`` when none runs and stops it (by
-PID) at the end; with a system pcscd it needs the vpcd readers.
+PID) at the end; with a system pcscd it needs the vpcd readers.  Runs on
+uvloop when it is installed; ``ISCL_EVENT_LOOP=asyncio`` runs on asyncio's
+own loop (see ``iscl_hw.eventloop``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from bench_core import time_handshakes
 
-from iscl_hw import aio
+from iscl_hw import aio, eventloop
 from iscl_hw.card import ApduCard
 from iscl_hw.constants import KEY_INDEXES
 from iscl_hw.errors import IsclError
@@ -154,7 +156,7 @@ def serve_peer(reader: str) -> None:
         await server.wait_closed()
         card.close()
 
-    asyncio.run(run())
+    eventloop.run(run())
 
 
 def two_process_handshakes(profile: str, count: int) -> list[float]:
@@ -183,8 +185,8 @@ def two_process_handshakes(profile: str, count: int) -> list[float]:
         try:
             port = int(server.stdout.readline())
             keys = KeyStore(enc)
-            asyncio.run(_client_handshakes(port, client_card, keys, 10))
-            return asyncio.run(_client_handshakes(port, client_card, keys, count))
+            eventloop.run(_client_handshakes(port, client_card, keys, 10))
+            return eventloop.run(_client_handshakes(port, client_card, keys, count))
         finally:
             server.stdin.close()
             server.wait(10)
@@ -208,8 +210,8 @@ def reference_handshakes(count: int) -> list[float]:
     auth = {index: os.urandom(8) for index in KEY_INDEXES}
     keys = KeyStore({index: os.urandom(8) for index in KEY_INDEXES})
     server, client = (ApduCard(SoftCard(new_card_state(auth))) for _ in range(2))
-    asyncio.run(time_handshakes(server, client, keys, 10))
-    return asyncio.run(time_handshakes(server, client, keys, count))
+    eventloop.run(time_handshakes(server, client, keys, 10))
+    return eventloop.run(time_handshakes(server, client, keys, count))
 
 
 def _report(what: str, shakes: list[float]) -> None:
@@ -244,6 +246,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     count = args.handshakes
+    print(f"event loop: {eventloop.loop_name()} (ISCL_EVENT_LOOP chooses)")
     if args.peers in ("one", "both"):
         processes = args.bridges == "processes"
         print(f"cards served by {args.bridges}")
@@ -256,8 +259,8 @@ def main() -> None:
                 f"p90 {_ms(apdus, 90):.3f} ms, p99 {_ms(apdus, 99):.3f} ms "
                 "(target median < 0.5 ms)"
             )
-            asyncio.run(time_handshakes(server, client, keys, 10))  # warm-up
-            shakes = asyncio.run(time_handshakes(server, client, keys, count))
+            eventloop.run(time_handshakes(server, client, keys, 10))  # warm-up
+            shakes = eventloop.run(time_handshakes(server, client, keys, count))
         _report(f"handshake x{count}, both cards behind pcscd, one process", shakes)
     if args.peers in ("two", "both"):
         shakes = two_process_handshakes(args.profile, count)

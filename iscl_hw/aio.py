@@ -249,10 +249,11 @@ class AsyncChannel:
         )
         self._max_queued = max_queued_messages
         self._card_blocks = _blocks(self._endpoint.arbiter.card)
+        # Ends of the card's span (a PC/SC transaction) held back until what
+        # the core wrote with them is on its way (see _end_span_soon).
+        self._span_ends: list[Callable[[], None]] | None = None
         if self._card_blocks:
-            # The card's end of a span (a PC/SC transaction) runs on its
-            # worker thread while the loop sends the pass that follows.
-            self._endpoint.end_span_with = _worker_for(self._endpoint.arbiter.card).post
+            self._endpoint.end_span_with = self._end_span_soon
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._finished = False
@@ -292,6 +293,9 @@ class AsyncChannel:
         """Run line connection and mutual authentication."""
         loop = asyncio.get_running_loop()
         _HANDSHAKING[loop] = _HANDSHAKING.get(loop, 0) + 1
+        # A server's line connection check request leaves now, not once the
+        # reader task first runs.
+        self._write_quietly()
         self._task = asyncio.create_task(self._run())
         try:
             await self._wait(lambda: self._endpoint.authenticated is not None)
@@ -450,24 +454,49 @@ class AsyncChannel:
     async def _process_events(self) -> None:
         endpoint = self._endpoint
         inline = not self._card_blocks
-        while (request := endpoint.advance(inline_card=inline)) is not None:
-            if endpoint.needs_span(request):
-                try:
-                    await endpoint.arbiter.acquire_async(endpoint)
-                except CardBusy as exc:
-                    endpoint.card_failed(exc)
-                    continue
-            if inline:
-                endpoint.run_card(request)
-            else:
-                # What the core wrote first (a pass the peer works on while
-                # our card does) leaves before the card is asked.
-                await self._flush()
-                await self._run_card_off_loop(request)
-        await self._flush()
+        self._span_ends = []
+        try:
+            while (request := endpoint.advance(inline_card=inline)) is not None:
+                if endpoint.needs_span(request):
+                    self._post_span_ends()
+                    try:
+                        await endpoint.arbiter.acquire_async(endpoint)
+                    except CardBusy as exc:
+                        endpoint.card_failed(exc)
+                        continue
+                if inline:
+                    endpoint.run_card(request)
+                else:
+                    # What the core wrote first (a pass the peer works on
+                    # while our card does) leaves before the card is asked.
+                    await self._flush()
+                    await self._run_card_off_loop(request)
+            await self._flush()
+        finally:
+            self._post_span_ends()
+            self._span_ends = None
         endpoint.conn.seal_ahead()
         async with self._changed:
             self._changed.notify_all()
+
+    def _end_span_soon(self, end: Callable[[], None]) -> None:
+        """End the card's span on its worker thread; while events are being
+        processed, only once the pass written with it is handed to the
+        kernel, so that the worker does not compete with that write."""
+        if self._span_ends is None:
+            _worker_for(self._endpoint.arbiter.card).post(end)
+        else:
+            self._span_ends.append(end)
+
+    def _post_span_ends(self) -> None:
+        # Before any await: the card's next span (its worker runs jobs in
+        # order) must not begin before this one ends.
+        ends = self._span_ends
+        if ends:
+            worker = _worker_for(self._endpoint.arbiter.card)
+            for end in ends:
+                worker.post(end)
+            ends.clear()
 
     async def _run_card_off_loop(self, request: CardRequest) -> None:
         """Run a blocking card's operation on its worker thread, within
@@ -549,8 +578,10 @@ class AsyncChannel:
     async def _flush(self) -> None:
         data = self._endpoint.conn.data_to_send()
         if not data or self._writer.is_closing():
+            self._post_span_ends()
             return
         self._writer.write(data)
+        self._post_span_ends()
         if not self._writer.transport.get_write_buffer_size():
             return  # all in the kernel already: nothing to wait for
         limit = self._endpoint.timeouts.transmission

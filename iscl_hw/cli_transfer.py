@@ -56,7 +56,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
-from iscl_hw import aio
+from iscl_hw import aio, eventloop
 from iscl_hw.card import Card
 from iscl_hw.cli_config import add_config_option, load_for_args
 from iscl_hw.errors import ConnectionLost, IsclError, LineClosed
@@ -327,7 +327,7 @@ def _run(main: Callable[[_Stopper], Awaitable[int]], cancel_at: int) -> int:
                 loop.remove_signal_handler(sig)
 
     try:
-        return asyncio.run(with_signals())
+        return eventloop.run(with_signals())
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)

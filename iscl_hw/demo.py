@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from iscl_hw import aio
+from iscl_hw import aio, eventloop
 from iscl_hw.card import ApduCard, Card
 from iscl_hw.constants import KEY_INDEXES
 from iscl_hw.demo_hsm import token_peers
@@ -381,6 +381,6 @@ def run_demo(
         tempfile.TemporaryDirectory(prefix="iscl-demo-") as directory,
         _tracing(out, trace) as trace_filter,
     ):
-        return asyncio.run(
+        return eventloop.run(
             _run(source, Path(directory), chunk_size, out, trace_filter, backend)
         )

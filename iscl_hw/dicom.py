@@ -73,12 +73,13 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from iscl_hw import aio
+from iscl_hw import aio, eventloop
 from iscl_hw.arbiter import CardArbiter
 from iscl_hw.card import Card
 from iscl_hw.core import Connection, Phase, Role
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import (
+    ConfigError,
     ConnectionLost,
     IsclError,
     LineClosed,
@@ -377,7 +378,9 @@ class IsclLine:
 
     def _thread_main(self) -> None:
         try:
-            asyncio.run(self._run())
+            eventloop.run(self._run())
+        except ConfigError as exc:
+            log.error("%s: %s", self._name, exc)
         except Exception:
             log.exception("%s: internal error; line dropped", self._name)
         finally:
