@@ -312,11 +312,21 @@ class AsyncChannel:
     async def send(self, data: bytes) -> None:
         """Send one secured message; returns once the peer accepted it and it
         is written.  Raises TransmissionRefused if the peer refused it."""
+        self._check_not_failed()
         await self._send(self._endpoint.conn.send_message(data))
 
     async def send_through(self, data: bytes) -> None:
         """Send one unsecured (through mode) message."""
+        self._check_not_failed()
         await self._send(self._endpoint.conn.send_through(data))
+
+    def _check_not_failed(self) -> None:
+        # What ended the connection (the peer closed it, a MAC failed), as
+        # every waiting call raises it, not the core's "cannot send during
+        # error".
+        error = self._endpoint.error
+        if error is not None:
+            raise error
 
     async def _send(self, send_id: int) -> None:
         self._kick()

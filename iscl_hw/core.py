@@ -269,6 +269,7 @@ class Connection:
         self._peer_answer = b""
         self._expected_answer = b""
         self._client_span_early = False
+        self._unsent_pass3: bytes | None = None
 
         self._tx = _Tx.IDLE
         self._tx_queue: collections.deque[_Outgoing] = collections.deque()
@@ -392,11 +393,13 @@ class Connection:
         *,
         option: int = 0,
         err_no: int = 0,
-    ) -> None:
+    ) -> bytes:
         self._log_frame(">>", message_id, len(payload), option)
-        self._out.append(
-            encode_frame(self._order, message_id, payload, option=option, err_no=err_no)
+        frame = encode_frame(
+            self._order, message_id, payload, option=option, err_no=err_no
         )
+        self._out.append(frame)
+        return frame
 
     def _log_frame(
         self, direction: str, message_id: MessageId, length: int, option: int
@@ -469,11 +472,26 @@ class Connection:
         self._emit(request)
 
     def _report_card_failure(self) -> None:
-        report = _CARD_FAILURE_REPORTS.get(self._step)
-        if report is None:
-            return  # the server's EXTERNAL AUTHENTICATE: pass 3 is out
-        message_id, size = report
+        if self._step is _Step.CARD_SERVER_EXTERNAL:
+            self._take_back_pass3()
+            return
+        message_id, size = _CARD_FAILURE_REPORTS[self._step]
         self._nak(message_id, ErrorCode.LOCAL_ICCARD, bytes(size))
+
+    def _take_back_pass3(self) -> None:
+        # A card that answered before the driver took pass 3 (one called
+        # inline) leaves room for the NAK; once pass 3 is out there is none,
+        # and the peer sees the connection close.
+        unsent = self._unsent_pass3
+        self._unsent_pass3 = None
+        if unsent is None or not any(frame is unsent for frame in self._out):
+            return
+        self._out = [frame for frame in self._out if frame is not unsent]
+        self._nak(
+            MessageId.MUTUAL_AUTH_PASS3_NOTIF,
+            ErrorCode.LOCAL_ICCARD,
+            bytes(CHALLENGE_LENGTH),
+        )
 
     def _nak(
         self, message_id: MessageId, code: ErrorCode, payload: bytes = b""
@@ -701,10 +719,12 @@ class Connection:
         )
 
     def _card_server_answer(self, request: CardRequest, data: bytes) -> None:
-        self._write(MessageId.MUTUAL_AUTH_PASS3_NOTIF, _challenge(data), option=ACK)
+        self._unsent_pass3 = self._write(
+            MessageId.MUTUAL_AUTH_PASS3_NOTIF, _challenge(data), option=ACK
+        )
         # The card's own check of an answer the host has already matched
         # runs while pass 3 travels; the connection is authenticated only
-        # once it has passed (a failure ends it: pass 3 is already out).
+        # once it has passed (see _take_back_pass3 for a failure).
         self._ask_card(
             _Step.CARD_SERVER_EXTERNAL,
             CardOperation.EXTERNAL_AUTHENTICATE,
@@ -713,6 +733,7 @@ class Connection:
         )
 
     def _card_server_external(self, request: CardRequest, data: bytes) -> None:
+        self._unsent_pass3 = None
         self._step = _Step.WAIT_COMPLETION
 
     def _on_pass3(self, frame: Frame) -> None:

@@ -20,7 +20,12 @@ from iscl_hw.arbiter import CardArbiter
 from iscl_hw.card import Card
 from iscl_hw.constants import HEADER_LENGTH, VERSION_V1_00, MessageId
 from iscl_hw.endpoint import Timeouts
-from iscl_hw.errors import CardCommunicationError, IsclError, PeerTimeout
+from iscl_hw.errors import (
+    CardCommunicationError,
+    ConnectionLost,
+    IsclError,
+    PeerTimeout,
+)
 from iscl_hw.keyfile import KeyStore
 from iscl_hw.settings import Settings
 from iscl_hw.wire import ByteOrder, pack_u32
@@ -206,6 +211,51 @@ def test_card_past_its_time_fails_the_connection_with_a_card_error() -> None:
     # connection ended with a CardCommunicationError (logged by the core).
     assert "ICCARD" in str(caught.value)
     assert time.monotonic() - started < 2
+
+
+class FailingExternalCard(BlockingCard):
+    """A blocking card whose EXTERNAL AUTHENTICATE fails (a card pulled out
+    after it answered the client's challenge)."""
+
+    def external_authenticate(self, key_ref: int, response: bytes) -> None:
+        self._enter("external_authenticate")
+        raise CardCommunicationError("card went away (test)")
+
+
+def test_server_card_failing_after_pass3_closes_the_line_and_send_says_why() -> None:
+    """The server's card check runs after pass 3 has left, so the client
+    counts itself authenticated; the server closes instead of handing the
+    connection over, the client's next calls raise the ConnectionLost that
+    ended it, and the server card is free for the next connection."""
+    cards, keys = make_cards(), make_keys()
+    server = FailingExternalCard(cards.server)
+    handled: list[aio.AsyncChannel] = []
+
+    async def handler(channel: aio.AsyncChannel) -> None:
+        handled.append(channel)
+
+    async def run() -> tuple[BaseException, BaseException]:
+        async with serving(handler, server, keys) as port:
+            channel = await aio.open_connection(
+                "127.0.0.1", port, card=BlockingCard(cards.client), keys=keys
+            )
+            with pytest.raises(ConnectionLost) as on_recv:
+                await channel.recv()
+            with pytest.raises(ConnectionLost) as on_send:
+                await channel.send(b"never delivered")
+            await channel.abort()
+            return on_recv.value, on_send.value
+
+    on_recv, on_send = asyncio.run(run())
+
+    assert handled == []
+    assert on_send is on_recv  # what ended the connection, not a misuse error
+    assert "external_authenticate" in [call for call, _ in server.threads]
+    arbiter = CardArbiter.for_card(server)
+    arbiter.span_wait = 0  # CardBusy if the span were still held
+    probe = object()
+    arbiter.acquire(probe)
+    arbiter.release(probe)
 
 
 def test_job_answer_in_place_and_through_a_future() -> None:
