@@ -72,8 +72,12 @@ class _CardJob:
     moment for it in place (:meth:`wait_in_place`), then, for a slower card,
     on an asyncio future (:meth:`future`)."""
 
-    def __init__(self, work: Callable[[], bytes]) -> None:
+    def __init__(
+        self, work: Callable[[], bytes], after: list[Callable[[], None]] | None = None
+    ) -> None:
         self._work = work
+        # Run once the outcome is handed over (a card's end of its span).
+        self._after = after if after is not None else []
         self._finished = threading.Lock()
         self._finished.acquire()
         self._guard = threading.Lock()
@@ -96,6 +100,8 @@ class _CardJob:
         self._finished.release()
         if waiter is not None:
             _settle_soon(*waiter, outcome)
+        for action in self._after:
+            action()
 
     def wait_in_place(self, seconds: float) -> bool:
         """Block the calling thread until the job is done, at most ``seconds``."""
@@ -135,9 +141,12 @@ class _CardWorker:
         self._lock = threading.Lock()
         self._running = False
 
-    def submit(self, work: Callable[[], bytes]) -> _CardJob:
-        """Queue ``work`` behind the card's earlier operations."""
-        job = _CardJob(work)
+    def submit(
+        self, work: Callable[[], bytes], after: list[Callable[[], None]] | None = None
+    ) -> _CardJob:
+        """Queue ``work`` behind the card's earlier operations; the actions
+        in ``after`` (filled in as it runs) follow its answer."""
+        job = _CardJob(work, after)
         with self._lock:
             self._jobs.put(job)
             if not self._running:
@@ -514,7 +523,12 @@ class AsyncChannel:
         endpoint = self._endpoint
         arbiter = endpoint.arbiter
         limit = endpoint.timeouts.card
-        job = _worker_for(arbiter.card).submit(lambda: arbiter.run(endpoint, request))
+        # The end of the span after EXTERNAL AUTHENTICATE runs on the worker
+        # once the answer is handed over, without a job of its own.
+        after: list[Callable[[], None]] = []
+        job = _worker_for(arbiter.card).submit(
+            lambda: arbiter.run(endpoint, request, end_span_with=after.append), after
+        )
         loop = asyncio.get_running_loop()
         try:
             in_place = not request.ahead and _HANDSHAKING.get(loop, 0) <= 1

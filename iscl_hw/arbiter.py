@@ -165,9 +165,19 @@ class CardArbiter:
 
     # -- card operations ------------------------------------------------------
 
-    def run(self, owner: object, request: CardRequest) -> bytes:
+    def run(
+        self,
+        owner: object,
+        request: CardRequest,
+        *,
+        end_span_with: Callable[[Callable[[], None]], None] | None = None,
+    ) -> bytes:
         """Run one card operation for ``owner``; GET CHALLENGE and EXTERNAL
-        AUTHENTICATE need the span (see :meth:`acquire`)."""
+        AUTHENTICATE need the span (see :meth:`acquire`).  EXTERNAL
+        AUTHENTICATE is the span's last command: the card's end of the span
+        follows it at once, or is handed to ``end_span_with`` (a worker
+        thread running it after the answer is handed over); the span itself
+        stays ``owner``'s until :meth:`release`."""
         operation = request.operation
         if operation is CardOperation.INTERNAL_AUTHENTICATE:
             self._refuse_reflection(owner, request.data)
@@ -181,8 +191,26 @@ class CardArbiter:
             challenge = self.card.get_challenge()
             self._outstanding = challenge
             return challenge
-        self.card.external_authenticate(request.key_ref, request.data)
+        try:
+            self.card.external_authenticate(request.key_ref, request.data)
+        finally:
+            self._end_card_span_of(owner, end_span_with)
         return b""
+
+    def _end_card_span_of(
+        self,
+        owner: object,
+        end_span_with: Callable[[Callable[[], None]], None] | None,
+    ) -> None:
+        with self._state:
+            begun = self._span_begun and self._owner is owner
+            self._span_begun = self._span_begun and not begun
+        if not begun:
+            return
+        if end_span_with is None:
+            self._end_card_span()
+        else:
+            end_span_with(self._end_card_span)
 
     def _begin_card_span(self, owner: object) -> None:
         self.card.begin_span()

@@ -313,3 +313,80 @@ def test_a_span_begun_after_its_owner_left_is_ended() -> None:
     arbiter.acquire(second)
     arbiter.run(second, CardRequest(CardOperation.GET_CHALLENGE))
     assert calls == ["begin", "end", "begin"]
+
+
+class SpanRecordingCard:
+    """A card recording each command and its span's begin and end; its
+    EXTERNAL AUTHENTICATE fails when ``refuse`` is set."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.refuse = False
+
+    def for_connection(self) -> SpanRecordingCard:
+        return self
+
+    def begin_span(self) -> None:
+        self.calls.append("begin")
+
+    def end_span(self) -> None:
+        self.calls.append("end")
+
+    def get_challenge(self) -> bytes:
+        self.calls.append("GET CHALLENGE")
+        return bytes(range(8))
+
+    def internal_authenticate(self, key_ref: int, challenge: bytes) -> bytes:
+        self.calls.append("INTERNAL AUTHENTICATE")
+        return bytes(8)
+
+    def external_authenticate(self, key_ref: int, response: bytes) -> None:
+        self.calls.append("EXTERNAL AUTHENTICATE")
+        if self.refuse:
+            raise CardError("wrong answer (test)")
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+@pytest.mark.parametrize("handed_over", [False, True])
+def test_external_authenticate_ends_the_card_span_once(
+    refuse: bool, handed_over: bool
+) -> None:
+    """EXTERNAL AUTHENTICATE is a span's last command: the card's end of
+    the span follows it (at once, or handed to ``end_span_with``), passed
+    or failed, while the span stays the owner's until release, which does
+    not end the card's span a second time."""
+    card = SpanRecordingCard()
+    card.refuse = refuse
+    arbiter = CardArbiter(card, span_wait=0.0)  # type: ignore[arg-type]
+    owner, other = object(), object()
+    handed: list[object] = []
+    arbiter.acquire(owner)
+    arbiter.run(owner, GET_CHALLENGE)
+    arbiter.run(owner, internal(bytes(8)))
+
+    try:
+        arbiter.run(
+            owner,
+            external(bytes(8)),
+            end_span_with=handed.append if handed_over else None,
+        )
+    except CardError:
+        assert refuse
+    else:
+        assert not refuse
+
+    ended_at_once = ["begin", "GET CHALLENGE", "INTERNAL AUTHENTICATE"]
+    ended_at_once += ["EXTERNAL AUTHENTICATE"]
+    if handed_over:
+        assert card.calls == ended_at_once
+        assert len(handed) == 1
+        handed[0]()  # type: ignore[operator]
+    assert card.calls == [*ended_at_once, "end"]
+    assert arbiter.holds(owner)
+    with pytest.raises(CardBusy):
+        arbiter.acquire(other)
+    arbiter.release(owner)
+    assert card.calls == [*ended_at_once, "end"]
+    arbiter.acquire(other)

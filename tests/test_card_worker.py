@@ -10,6 +10,7 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from helpers import craft, make_cards, make_keys, serving
@@ -114,6 +115,35 @@ def test_every_card_call_and_span_end_runs_off_the_loop() -> None:
         assert {"begin_span", "end_span", *CALLS} <= set(calls), calls
         assert calls.count("begin_span") == calls.count("end_span") == 1
         assert all(ident != loop_thread for _, ident in card.threads), card.threads
+
+
+def test_span_ends_with_the_external_authenticate_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handshake's span ends in the job of its EXTERNAL AUTHENTICATE, on
+    the worker right after it, not as a job of its own."""
+    posted: list[object] = []
+    post = aio._CardWorker.post
+
+    def counting_post(worker: aio._CardWorker, action: Callable[[], None]) -> None:
+        posted.append(action)
+        post(worker, action)
+
+    monkeypatch.setattr(aio._CardWorker, "post", counting_post)
+    cards = make_cards()
+    client, server = BlockingCard(cards.client), BlockingCard(cards.server)
+
+    asyncio.run(_handshake(client, server))
+
+    assert posted == []
+    for card in (client, server):
+        deadline = time.monotonic() + 5
+        while "end_span" not in [c for c, _ in card.threads]:
+            assert time.monotonic() < deadline, card.threads
+            time.sleep(0.001)
+        calls = card.threads
+        assert [c for c, _ in calls][-2:] == ["external_authenticate", "end_span"]
+        assert calls[-1][1] == calls[-2][1]  # the same worker thread
 
 
 def test_lone_handshake_takes_quick_answers_in_place(
