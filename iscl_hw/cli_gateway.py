@@ -32,6 +32,7 @@ from iscl_hw.cli_transfer import (
     _Stopper,
 )
 from iscl_hw.errors import IsclError
+from iscl_hw.oslimits import ensure_open_files
 from iscl_hw.siteconfig import Address, SiteConfig, SiteRole, open_backend
 
 __all__ = ["cmd_serve", "cmd_tunnel", "register"]
@@ -112,6 +113,8 @@ def _pick(given: Address | None, configured: Address | None, what: str) -> Addre
 
 
 def _limits(site: SiteConfig, message_size: int) -> gateway.GatewayLimits:
+    # Each relayed connection holds two sockets: ISCL and plain TCP.
+    ensure_open_files(site.limits.max_connections, 2, "gateway")
     return gateway.GatewayLimits(
         max_connections=site.limits.max_connections,
         max_handshakes=site.limits.max_handshakes_per_peer,

@@ -69,6 +69,7 @@ from iscl_hw.filexfer import (
     send_file,
 )
 from iscl_hw.oplog import audit_authentication, configure_logging, format_peer
+from iscl_hw.oslimits import ensure_open_files
 from iscl_hw.settings import KeyProvider
 from iscl_hw.siteconfig import (
     Address,
@@ -700,6 +701,8 @@ async def _receive(
     bars: _Bars,
 ) -> int:
     limits = site.limits
+    # A connection's socket and the file it writes.
+    ensure_open_files(limits.max_connections, 2, "receive")
     timeouts = site.timeouts()
     receiver = _Receiver(directory, limits.max_file_size, timeouts.transmission, bars)
 

@@ -369,6 +369,7 @@ def run_demo(
     "pkcs11" puts both peers' keys in SoftHSM2 tokens."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown card backend {backend!r}")
+    eventloop.loop_name()  # a bad ISCL_EVENT_LOOP fails before the banner
     source = file or default_dicom_file()
     if not source.is_file():
         raise FileNotFoundError(f"{source} is not a readable file")

@@ -30,9 +30,10 @@ LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
 def _choice() -> str:
-    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    given = os.environ.get(ENV, "auto")
+    choice = given.strip().lower() or "auto"
     if choice not in _CHOICES:
-        raise ConfigError(f"{ENV}={choice!r} is not one of {', '.join(_CHOICES)}")
+        raise ConfigError(f"{ENV}={given!r} is not one of {', '.join(_CHOICES)}")
     return choice
 
 

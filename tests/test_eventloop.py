@@ -57,12 +57,22 @@ def test_without_uvloop_auto_falls_back_and_uvloop_is_an_error(
 def test_an_unknown_choice_is_a_config_error_and_the_cli_says_so(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv(eventloop.ENV, "trio")
-    with pytest.raises(ConfigError, match="ISCL_EVENT_LOOP='trio' is not one of"):
+    monkeypatch.setenv(eventloop.ENV, "Trio")
+    with pytest.raises(ConfigError, match="ISCL_EVENT_LOOP='Trio' is not one of"):
         eventloop.loop_name()
 
     assert cli.main(["demo"]) == 2
-    assert "ISCL_EVENT_LOOP='trio'" in capsys.readouterr().err
+    shown = capsys.readouterr()
+    assert "ISCL_EVENT_LOOP='Trio'" in shown.err
+    assert shown.out == ""  # refused before the demo's banner
+
+
+@pytest.mark.parametrize("given", ["", " UVLOOP ", "Auto"])
+def test_choice_is_trimmed_and_case_blind(
+    monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    monkeypatch.setenv(eventloop.ENV, given)
+    assert eventloop.loop_name() == "uvloop"
 
 
 async def _talk(client_card: object, server_card: object, count: int) -> list[bytes]:
