@@ -10,7 +10,8 @@ Reports:
 - the median (and p90) full ISCL handshake (TCP connect, line connection,
   mutual authentication) with both peers' cards behind pcscd, with both
   peers in this process and with the server peer in a process of its own,
-  as two sites are (target: median < 5 ms);
+  as two sites are, on the asyncio driver and on the blocking driver
+  (target: median < 5 ms);
 - the same handshake with in-process virtual cards and no pcscd, as a
   reference for how fast this machine is at the time.
 
@@ -27,6 +28,8 @@ import asyncio
 import contextlib
 import json
 import os
+import select
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +40,7 @@ from pathlib import Path
 
 from bench_core import time_handshakes
 
-from iscl_hw import aio, eventloop
+from iscl_hw import aio, eventloop, sync
 from iscl_hw.card import ApduCard
 from iscl_hw.constants import KEY_INDEXES
 from iscl_hw.errors import IsclError
@@ -133,35 +136,55 @@ def bench_apdus(card: PcscCard, count: int) -> list[float]:
 # -- the peers in two processes, as two sites are -------------------------------
 
 
-def serve_peer(reader: str) -> None:
-    """Server peer of ``--peers processes``: the card in ``reader``, the
-    encryption keys as JSON on standard input; prints its port, serves until
-    standard input closes."""
+def serve_peer(reader: str, driver: str) -> None:
+    """Server peer of the two-process handshakes: the card in ``reader``,
+    the encryption keys as JSON on standard input; prints its port, serves
+    until standard input closes.  ``driver`` "aio" serves with
+    ``aio.start_server``; "sync" accepts one connection at a time with the
+    blocking driver."""
     enc = {
         int(i): bytes.fromhex(k) for i, k in json.loads(sys.stdin.readline()).items()
     }
+    card = open_card(reader)
+    try:
+        if driver == "sync":
+            _serve_blocking(card, KeyStore(enc))
+        else:
+            eventloop.run(_serve_async(card, KeyStore(enc)))
+    finally:
+        card.close()
 
+
+async def _serve_async(card: PcscCard, keys: KeyStore) -> None:
     async def handle(channel: aio.AsyncChannel) -> None:
         with contextlib.suppress(IsclError):
             await channel.recv_message()
 
-    async def run() -> None:
-        card = open_card(reader)
-        server = await aio.start_server(
-            handle, "127.0.0.1", 0, card=card, keys=KeyStore(enc)
-        )
-        print(server.sockets[0].getsockname()[1], flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        server.close()
-        await server.wait_closed()
-        card.close()
-
-    eventloop.run(run())
+    server = await aio.start_server(handle, "127.0.0.1", 0, card=card, keys=keys)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    server.close()
+    await server.wait_closed()
 
 
-def two_process_handshakes(profile: str, count: int) -> list[float]:
+def _serve_blocking(card: PcscCard, keys: KeyStore) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        print(listener.getsockname()[1], flush=True)
+        while True:
+            readable, _, _ = select.select([listener, sys.stdin], [], [])
+            if sys.stdin in readable:
+                return  # standard input closed: the run is over
+            sock, _ = listener.accept()
+            with sock, contextlib.suppress(IsclError):
+                with sync.accept(sock, card=card, keys=keys) as channel:
+                    channel.recv_message()
+
+
+def two_process_handshakes(
+    profile: str, count: int, driver: str = "aio"
+) -> list[float]:
     """Handshakes with the server peer in a process of its own and both cards
-    served by ``iscl card serve`` processes."""
+    served by ``iscl card serve`` processes; both peers on ``driver``."""
     auth = {index: os.urandom(8) for index in KEY_INDEXES}
     enc = {index: os.urandom(8) for index in KEY_INDEXES}
     with contextlib.ExitStack() as stack:
@@ -174,7 +197,7 @@ def two_process_handshakes(profile: str, count: int) -> list[float]:
         client_card = open_card(VPCD_READERS[1])
         stack.callback(client_card.close)
         server = subprocess.Popen(
-            [sys.executable, __file__, "serve-peer", VPCD_READERS[0]],
+            [sys.executable, __file__, "serve-peer", VPCD_READERS[0], driver],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -185,22 +208,38 @@ def two_process_handshakes(profile: str, count: int) -> list[float]:
         try:
             port = int(server.stdout.readline())
             keys = KeyStore(enc)
-            eventloop.run(_client_handshakes(port, client_card, keys, 10))
-            return eventloop.run(_client_handshakes(port, client_card, keys, count))
+            handshakes = _blocking_handshakes if driver == "sync" else _async_handshakes
+            handshakes(port, client_card, keys, 10)
+            return handshakes(port, client_card, keys, count)
         finally:
             server.stdin.close()
             server.wait(10)
 
 
-async def _client_handshakes(
+def _async_handshakes(
+    port: int, card: PcscCard, keys: KeyStore, count: int
+) -> list[float]:
+    async def run() -> list[float]:
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            channel = await aio.open_connection("127.0.0.1", port, card=card, keys=keys)
+            times.append(time.perf_counter() - started)
+            await channel.close()
+        return times
+
+    return eventloop.run(run())
+
+
+def _blocking_handshakes(
     port: int, card: PcscCard, keys: KeyStore, count: int
 ) -> list[float]:
     times = []
     for _ in range(count):
         started = time.perf_counter()
-        channel = await aio.open_connection("127.0.0.1", port, card=card, keys=keys)
+        channel = sync.connect("127.0.0.1", port, card=card, keys=keys)
         times.append(time.perf_counter() - started)
-        await channel.close()
+        channel.close()
     return times
 
 
@@ -223,7 +262,7 @@ def _report(what: str, shakes: list[float]) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["serve-peer"]:
-        serve_peer(sys.argv[2])
+        serve_peer(sys.argv[2], sys.argv[3])
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--apdus", type=int, default=1000)
@@ -263,12 +302,13 @@ def main() -> None:
             shakes = eventloop.run(time_handshakes(server, client, keys, count))
         _report(f"handshake x{count}, both cards behind pcscd, one process", shakes)
     if args.peers in ("two", "both"):
-        shakes = two_process_handshakes(args.profile, count)
-        _report(
-            f"handshake x{count}, both cards behind pcscd, peers in two "
-            "processes (target median < 5 ms)",
-            shakes,
-        )
+        for driver, name in (("aio", "asyncio driver"), ("sync", "blocking driver")):
+            shakes = two_process_handshakes(args.profile, count, driver)
+            _report(
+                f"handshake x{count}, both cards behind pcscd, peers in two "
+                f"processes, {name} (target median < 5 ms)",
+                shakes,
+            )
     _report(
         f"reference: handshake x{count}, in-process virtual cards, no pcscd",
         reference_handshakes(count),
