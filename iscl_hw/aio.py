@@ -541,6 +541,8 @@ class AsyncChannel:
             )
         except IsclError as exc:
             endpoint.card_failed(exc)
+        except Exception as exc:
+            endpoint.card_crashed(exc)
         else:
             endpoint.card_answered(answer)
 

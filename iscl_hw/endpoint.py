@@ -188,6 +188,8 @@ class Endpoint:
             answer = self.arbiter.run(self, request)
         except IsclError as exc:
             self.card_failed(exc)
+        except Exception as exc:
+            self.card_crashed(exc)
         else:
             self.card_answered(answer)
 
@@ -205,6 +207,18 @@ class Endpoint:
             error = wrapped
         self.conn.card_failed(error)
         self.release_span_if_done()
+
+    def card_crashed(self, exc: Exception) -> None:
+        """A card implementation raised something other than an ISCL error
+        (a bug in it): logged with its traceback, and the handshake fails as
+        for any card failure, the peer told LOCAL_ICCARD."""
+        name = self.arbiter.card.name
+        log.error("card %s raised %s", name, type(exc).__name__, exc_info=exc)
+        error = CardError(
+            f"card {name} failed unexpectedly ({type(exc).__name__}; see the log)"
+        )
+        error.__cause__ = exc
+        self.card_failed(error)
 
     def release_span_if_done(self) -> None:
         if not self.conn.card_span_open:

@@ -26,8 +26,10 @@ from iscl_hw.errors import (
     ConnectionLost,
     IsclError,
     PeerTimeout,
+    RemoteProtocolError,
 )
 from iscl_hw.keyfile import KeyStore
+from iscl_hw.ratelimit import FailureLimiter
 from iscl_hw.settings import Settings
 from iscl_hw.wire import ByteOrder, pack_u32
 
@@ -286,6 +288,55 @@ def test_server_card_failing_after_pass3_closes_the_line_and_send_says_why() -> 
     probe = object()
     arbiter.acquire(probe)
     arbiter.release(probe)
+
+
+class BuggyCard(BlockingCard):
+    """A card implementation with a bug: its INTERNAL AUTHENTICATE raises a
+    RuntimeError, not a CardError."""
+
+    blocking_io = False
+
+    def internal_authenticate(self, key_ref: int, challenge: bytes) -> bytes:
+        raise RuntimeError("bug in a card implementation (test)")
+
+
+class BuggyBlockingCard(BuggyCard):
+    blocking_io = True
+
+
+@pytest.mark.parametrize("card_class", [BuggyCard, BuggyBlockingCard])
+def test_a_card_raising_a_non_iscl_error_fails_cleanly(
+    card_class: type[BuggyCard], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inline and on a worker thread: the handshake fails as for any card
+    failure (the client hears LOCAL_ICCARD), the bug is logged with its
+    traceback once, and it is not held against the peer."""
+    cards, keys = make_cards(), make_keys()
+    server = card_class(cards.server)
+
+    async def run() -> list[BaseException]:
+        errors: list[BaseException] = []
+        limiter = FailureLimiter(max_failures=2)
+        async with serving(_silent, server, keys, limiter=limiter) as port:
+            for _ in range(4):
+                try:
+                    await aio.open_connection(
+                        "127.0.0.1", port, card=cards.client, keys=keys
+                    )
+                except IsclError as exc:
+                    errors.append(exc)
+        return errors
+
+    errors = asyncio.run(run())
+
+    assert len(errors) == 4  # none refused by the limiter: all reached the card
+    for error in errors:
+        assert isinstance(error, RemoteProtocolError)
+        assert "LOCAL_ICCARD" in str(error)
+    bugs = [r for r in caplog.records if "raised RuntimeError" in r.getMessage()]
+    assert len(bugs) == 4
+    assert all(r.exc_info is not None for r in bugs)
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]
 
 
 def test_job_answer_in_place_and_through_a_future() -> None:
