@@ -258,11 +258,10 @@ class AsyncChannel:
         )
         self._max_queued = max_queued_messages
         self._card_blocks = _blocks(self._endpoint.arbiter.card)
-        # Ends of the card's span (a PC/SC transaction) held back until what
-        # the core wrote with them is on its way (see _end_span_soon).
-        self._span_ends: list[Callable[[], None]] | None = None
         if self._card_blocks:
-            self._endpoint.end_span_with = self._end_span_soon
+            # The card's end of a span that ends early (a failure) runs on its
+            # worker thread, behind the card's earlier operations.
+            self._endpoint.end_span_with = _worker_for(self._endpoint.arbiter.card).post
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._finished = False
@@ -473,49 +472,24 @@ class AsyncChannel:
     async def _process_events(self) -> None:
         endpoint = self._endpoint
         inline = not self._card_blocks
-        self._span_ends = []
-        try:
-            while (request := endpoint.advance(inline_card=inline)) is not None:
-                if endpoint.needs_span(request):
-                    self._post_span_ends()
-                    try:
-                        await endpoint.arbiter.acquire_async(endpoint)
-                    except CardBusy as exc:
-                        endpoint.card_failed(exc)
-                        continue
-                if inline:
-                    endpoint.run_card(request)
-                else:
-                    # What the core wrote first (a pass the peer works on
-                    # while our card does) leaves before the card is asked.
-                    await self._flush()
-                    await self._run_card_off_loop(request)
-            await self._flush()
-        finally:
-            self._post_span_ends()
-            self._span_ends = None
+        while (request := endpoint.advance(inline_card=inline)) is not None:
+            if endpoint.needs_span(request):
+                try:
+                    await endpoint.arbiter.acquire_async(endpoint)
+                except CardBusy as exc:
+                    endpoint.card_failed(exc)
+                    continue
+            if inline:
+                endpoint.run_card(request)
+            else:
+                # What the core wrote first (a pass the peer works on while
+                # our card does) leaves before the card is asked.
+                await self._flush()
+                await self._run_card_off_loop(request)
+        await self._flush()
         endpoint.conn.seal_ahead()
         async with self._changed:
             self._changed.notify_all()
-
-    def _end_span_soon(self, end: Callable[[], None]) -> None:
-        """End the card's span on its worker thread; while events are being
-        processed, only once the pass written with it is handed to the
-        kernel, so that the worker does not compete with that write."""
-        if self._span_ends is None:
-            _worker_for(self._endpoint.arbiter.card).post(end)
-        else:
-            self._span_ends.append(end)
-
-    def _post_span_ends(self) -> None:
-        # Before any await: the card's next span (its worker runs jobs in
-        # order) must not begin before this one ends.
-        ends = self._span_ends
-        if ends:
-            worker = _worker_for(self._endpoint.arbiter.card)
-            for end in ends:
-                worker.post(end)
-            ends.clear()
 
     async def _run_card_off_loop(self, request: CardRequest) -> None:
         """Run a blocking card's operation on its worker thread, within
@@ -604,10 +578,8 @@ class AsyncChannel:
     async def _flush(self) -> None:
         data = self._endpoint.conn.data_to_send()
         if not data or self._writer.is_closing():
-            self._post_span_ends()
             return
         self._writer.write(data)
-        self._post_span_ends()
         if not self._writer.transport.get_write_buffer_size():
             return  # all in the kernel already: nothing to wait for
         limit = self._endpoint.timeouts.transmission

@@ -204,7 +204,8 @@ class CardArbiter:
     ) -> None:
         with self._state:
             begun = self._span_begun and self._owner is owner
-            self._span_begun = self._span_begun and not begun
+            if begun:
+                self._span_begun = False
         if not begun:
             return
         if end_span_with is None:

@@ -570,7 +570,6 @@ async def stall_after_pass1(port: int) -> None:
 def test_stalled_handshakes_get_a_peer_blocked() -> None:
     """A peer that takes our challenge (our card's span) and stalls is
     blocked after max_failures."""
-    stall = stall_after_pass1
     cards, keys = make_cards(), make_keys()
     limiter = FailureLimiter(max_failures=2, window=60.0, cooldown=60.0)
 
@@ -584,7 +583,7 @@ def test_stalled_handshakes_get_a_peer_blocked() -> None:
         ) as port:
             for _ in range(2):
                 assert not limiter.blocked("127.0.0.1")
-                await stall(port)
+                await stall_after_pass1(port)
                 await settle()
             assert limiter.blocked("127.0.0.1")
             assert await refused_at_once(port)
