@@ -52,6 +52,13 @@ from iscl_hw.errors import (
     ConfigError,
     VerificationFailed,
 )
+from iscl_hw.softhsm import (
+    CKR_OK,
+    CKR_USER_ALREADY_LOGGED_IN,
+    CKU_USER,
+    Pkcs11CallError,
+    functions,
+)
 
 __all__ = [
     "DES_WAYS",
@@ -343,6 +350,9 @@ class Token:
         self.config = config
         self.name = config.label or config.serial or "token"
         self._lib, self._calls = _load(config.module)
+        self._functions = functions(config.module)
+        # True while the login is ours to end (not another Token's).
+        self._own_login = False
         self._state = threading.Condition()
         self._sessions: list[_Session] = []
         self._generation = 0
@@ -395,6 +405,7 @@ class Token:
                 while len(sessions) < self.config.sessions:
                     sessions.append(token.open(rw=True))
             except p11.PKCS11Error as exc:
+                self._logout(sessions)
                 for session in reversed(sessions):
                     _close_quietly(session)
                 raise TokenError(
@@ -407,29 +418,38 @@ class Token:
         log.info("token %s: logged in, %d sessions", self.name, len(self._sessions))
 
     def _login(self, token: pkcs11.Token) -> pkcs11.Session:
-        pin = self.config.pin.decode("utf-8")
-        try:
-            return token.open(rw=True, user_pin=pin)
-        except p11.UserAlreadyLoggedIn:
+        # C_Login on a session of our own, not through python-pkcs11's
+        # open(user_pin=...), which leaves its session open when the login
+        # is refused.
+        session = token.open(rw=True)
+        pin = self.config.pin
+        rv = self._functions.call("C_Login", _handle(session), CKU_USER, pin, len(pin))
+        if rv == CKR_OK:
+            self._own_login = True
+            return session
+        if rv == CKR_USER_ALREADY_LOGGED_IN:
             # Another Token object of this process logged in already; the
             # login is shared by every session of the process.
-            # TODO(python-pkcs11 0.10 has no C_Login on an open session): the
-            # session C_OpenSession made for the refused login stays open.
-            return token.open(rw=True)
-        except (p11.PinIncorrect, p11.PinLenRange):
-            raise TokenError(
-                f"token {self.name!r}: the PIN was refused (C_Login)"
-            ) from None
-        except p11.PinLocked:
-            raise TokenError(f"token {self.name!r}: the PIN is locked") from None
+            return session
+        _close_quietly(session)
+        raise TokenError(f"token {self.name!r}: {_login_refusal(rv)}")
+
+    def _logout(self, sessions: list[pkcs11.Session]) -> None:
+        """End our login (every session's), through one still open."""
+        if not self._own_login or not sessions:
+            return
+        self._own_login = False
+        self._functions.call("C_Logout", _handle(sessions[0]))
 
     def _reset(self) -> None:
         """Forget the pool after a lost login or token; reopen at next use."""
         with self._state:
             self._generation += 1
-            idle = [s for s in self._sessions if not s.busy]
-            self._sessions = [s for s in self._sessions if s.busy]
+            every = self._sessions
+            idle = [s for s in every if not s.busy]
+            self._sessions = [s for s in every if s.busy]
         with self._calls:
+            self._logout([pooled.session for pooled in every])
             for pooled in idle:
                 _close_quietly(pooled.session)
 
@@ -520,6 +540,7 @@ class Token:
             self._closed = True
             sessions, self._sessions = self._sessions, []
         with self._calls:
+            self._logout([pooled.session for pooled in sessions])
             for pooled in reversed(sessions):
                 _close_quietly(pooled.session)
 
@@ -978,6 +999,20 @@ def _derive(base: _Key, way: DesWay, random: bytes) -> _Key:
     )
     assert isinstance(derived, pkcs11.SecretKey)
     return derived
+
+
+def _handle(session: pkcs11.Session) -> int:
+    """The session's CK_SESSION_HANDLE (python-pkcs11's stubs omit it)."""
+    return int(session.handle)  # type: ignore[attr-defined]
+
+
+def _login_refusal(rv: int) -> str:
+    """Why C_Login failed, for the user (never with the PIN)."""
+    if rv in (0x0A0, 0x0A1, 0x0A2):  # CKR_PIN_INCORRECT, _INVALID, _LEN_RANGE
+        return "the PIN was refused (C_Login)"
+    if rv == 0x0A4:  # CKR_PIN_LOCKED
+        return "the PIN is locked"
+    return str(Pkcs11CallError("C_Login", rv))
 
 
 def _close_quietly(session: pkcs11.Session) -> None:

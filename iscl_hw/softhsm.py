@@ -6,8 +6,9 @@ initialised for good (python-pkcs11 caches it).  So :func:`use_config` must
 run before anything loads the module, and it refuses a second, different
 configuration once the module is in the process.
 
-python-pkcs11 has no call for C_InitToken and C_InitPIN, so
-:func:`init_token` calls the module through ``ctypes`` (the structures
+python-pkcs11 has no call for C_InitToken and C_InitPIN, nor C_Login on
+an open session, so :func:`init_token` and :class:`~iscl_hw.hsm.Token`
+call the module through ``ctypes`` (:func:`functions`; the structures
 below follow PKCS#11 v2.40 on Unix: natively aligned, CK_ULONG is
 ``unsigned long``).  PINs never appear in messages, reprs or logs.
 
@@ -37,7 +38,9 @@ __all__ = [
     "CONF_ENV",
     "MODULE_ENV",
     "Pkcs11CallError",
+    "Pkcs11Functions",
     "find_module",
+    "functions",
     "init_token",
     "token_labels",
     "use_config",
@@ -64,11 +67,13 @@ _MODULE_PATHS: Final = (
 
 # CK_RV values and flags (PKCS#11 v2.40 section 3, pkcs11t.h).
 CKR_OK: Final = 0x000
+CKR_USER_ALREADY_LOGGED_IN: Final = 0x100
 CKR_CRYPTOKI_ALREADY_INITIALIZED: Final = 0x191
 CKF_TOKEN_INITIALIZED: Final = 0x400
 CKF_RW_SESSION: Final = 0x2
 CKF_SERIAL_SESSION: Final = 0x4
 CKU_SO: Final = 0
+CKU_USER: Final = 1
 _RV_NAMES: Final = {
     0x002: "CKR_HOST_MEMORY",
     0x003: "CKR_SLOT_ID_INVALID",
@@ -77,14 +82,19 @@ _RV_NAMES: Final = {
     0x007: "CKR_ARGUMENTS_BAD",
     0x030: "CKR_DEVICE_ERROR",
     0x031: "CKR_DEVICE_MEMORY",
+    0x032: "CKR_DEVICE_REMOVED",
     0x0A0: "CKR_PIN_INCORRECT",
     0x0A1: "CKR_PIN_INVALID",
     0x0A2: "CKR_PIN_LEN_RANGE",
+    0x0A3: "CKR_PIN_EXPIRED",
     0x0A4: "CKR_PIN_LOCKED",
+    0x0B3: "CKR_SESSION_HANDLE_INVALID",
     0x0B6: "CKR_SESSION_EXISTS",
     0x0B7: "CKR_SESSION_READ_ONLY_EXISTS",
     0x0E0: "CKR_TOKEN_NOT_PRESENT",
     0x0E2: "CKR_TOKEN_WRITE_PROTECTED",
+    0x101: "CKR_USER_NOT_LOGGED_IN",
+    0x102: "CKR_USER_PIN_NOT_INITIALIZED",
     0x100: "CKR_USER_ALREADY_LOGGED_IN",
     0x190: "CKR_CRYPTOKI_NOT_INITIALIZED",
 }
@@ -123,6 +133,7 @@ _PROTOTYPES: Final[dict[str, tuple[Any, ...]]] = {
     "C_InitPIN": (_ULONG, _BYTES, _ULONG),
     "C_OpenSession": (_ULONG, _ULONG, _PTR, _PTR, _PULONG),
     "C_CloseSession": (_ULONG,),
+    "C_GetSessionInfo": (_ULONG, _PTR),
     "C_Login": (_ULONG, _ULONG, _BYTES, _ULONG),
     "C_Logout": (_ULONG,),
 }
@@ -134,6 +145,15 @@ class CkVersion(ctypes.Structure):
 
 class CkFunctionList(ctypes.Structure):
     _fields_ = (("version", CkVersion), *((name, _PTR) for name in _FUNCTIONS))
+
+
+class CkSessionInfo(ctypes.Structure):
+    _fields_ = (
+        ("slotID", _ULONG),
+        ("state", _ULONG),
+        ("flags", _ULONG),
+        ("ulDeviceError", _ULONG),
+    )
 
 
 class CkTokenInfo(ctypes.Structure):
@@ -274,8 +294,11 @@ def use_config(conf_path: Path) -> None:
 # ----------------------------------------------------------------- tokens
 
 
-class _Module:
-    """The few PKCS#11 calls token initialisation needs."""
+class Pkcs11Functions:
+    """A module's PKCS#11 functions called through its function list: the
+    few that python-pkcs11 does not offer.  Loading the module's file again
+    gives the instance python-pkcs11 already loaded, so its session handles
+    are valid here."""
 
     def __init__(self, path: Path) -> None:
         try:
@@ -318,17 +341,27 @@ class _Module:
         return info
 
 
-_modules: dict[Path, _Module] = {}
+_modules: dict[Path, Pkcs11Functions] = {}
+
+
+def functions(path: str | Path) -> Pkcs11Functions:
+    """The function list of the module at ``path`` (loaded once)."""
+    path = Path(path)
+    with _LOCK:
+        module = _modules.get(path)
+        if module is None:
+            module = _modules[path] = Pkcs11Functions(path)
+        return module
 
 
 @contextmanager
-def _initialised(path: Path) -> Iterator[_Module]:
+def _initialised(path: Path) -> Iterator[Pkcs11Functions]:
     """The module, C_Initialize'd; finalised afterwards only if this did it."""
     global _loaded_conf
     with _LOCK:
         _conf_in_force()
         path = Path(path)
-        module = _modules.get(path) or _modules.setdefault(path, _Module(path))
+        module = functions(path)
         rv = module.call("C_Initialize", None)
         if rv not in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
             raise Pkcs11CallError("C_Initialize", rv)
@@ -393,7 +426,7 @@ def _check_pin_lengths(info: CkTokenInfo, so_pin: bytes, user_pin: bytes) -> Non
 
 
 def _set_user_pin(
-    module: _Module, slot: int, label: str, so_pin: bytes, user_pin: bytes
+    module: Pkcs11Functions, slot: int, label: str, so_pin: bytes, user_pin: bytes
 ) -> None:
     session = _ULONG(0)
     flags = CKF_RW_SESSION | CKF_SERIAL_SESSION

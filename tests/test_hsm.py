@@ -8,13 +8,15 @@ token to token and token to virtual card over TCP.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from iscl_hw import aio, crypto
+from iscl_hw import aio, crypto, softhsm
 from iscl_hw.constants import UNIQUE_SESSION_KEYS, EncryptionMethod, MacMethod
 from iscl_hw.errors import (
     CardError,
@@ -608,6 +610,38 @@ def test_failed_start_logs_out(hsm: HsmSession) -> None:  # noqa: F811
         assert list(public.get_objects(query)) == []
     finally:
         public.close()
+
+
+def _open_session_handles(module: Path) -> list[int]:
+    """Handles of the sessions this process has open (SoftHSM2 numbers them
+    from 1 and never reuses one, so the first few hundred cover a test)."""
+    functions = softhsm.functions(module)
+    info = softhsm.CkSessionInfo()
+    return [
+        handle
+        for handle in range(1, 512)
+        if functions.call("C_GetSessionInfo", handle, ctypes.byref(info)) == 0
+    ]
+
+
+def test_no_session_is_left_open_by_a_refused_or_shared_login(
+    hsm: HsmSession,  # noqa: F811
+) -> None:
+    """A refused PIN and a login another Token already made each used to
+    leave the session python-pkcs11 opened for C_Login behind."""
+    t = hsm.token()
+    before = _open_session_handles(t.module)
+    with pytest.raises(TokenError, match="PIN was refused"):
+        Token(TokenConfig(str(t.module), label=t.label, pin=b"not-the-pin"))
+    assert _open_session_handles(t.module) == before
+
+    first = provisioned(t, {1: AUTH[1]}, {})
+    second = open_token(t)
+    second.close()
+    block = os.urandom(8)  # a private key object: only while logged in
+    assert first.ecb("iscl-auth-1", block) == crypto.des_ecb_encrypt(AUTH[1], block)
+    first.close()
+    assert _open_session_handles(t.module) == before
 
 
 def test_weak_keys_are_refused(server_token: Token) -> None:
