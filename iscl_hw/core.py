@@ -322,6 +322,10 @@ class Connection:
         """A message from the peer is partly received."""
         return self._rx is not _Rx.IDLE or self._decoder.buffered > 0
 
+    def not_iscl_hint(self) -> str:
+        """See :meth:`FrameDecoder.not_iscl_hint`."""
+        return self._decoder.not_iscl_hint()
+
     # -- bytes in and out ----------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
@@ -367,6 +371,7 @@ class Connection:
                 if self._eof:
                     raise ConnectionLost(
                         f"peer closed the connection during {self._phase.value}"
+                        + self._decoder.not_iscl_hint()
                     )
                 return NEED_DATA
             self.frames_received += 1

@@ -130,6 +130,7 @@ class Endpoint:
         if conn.receiving:
             return PeerTimeout(
                 f"peer did not finish its message in time during {during}"
+                + conn.not_iscl_hint()
             )
         return PeerTimeout(f"peer sent nothing in time during {during}")
 

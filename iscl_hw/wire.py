@@ -167,6 +167,14 @@ class FrameDecoder:
         """Bytes received and not yet returned as part of a frame."""
         return len(self._buffer) - self._pos
 
+    def not_iscl_hint(self) -> str:
+        """What the peer's bytes so far are, when no frame came yet and they
+        begin like another protocol's greeting (one shorter than a header,
+        say), as "; not ISCL: ..."; else ""."""
+        if self._frames:
+            return ""
+        return _not_iscl_hint(self._buffer[self._pos :])
+
     def next_frame(self) -> Frame | None:
         """The next whole frame, or None until more bytes arrive."""
         if self._pending is None:
@@ -198,9 +206,9 @@ class FrameDecoder:
         try:
             message_id = MessageId(raw_id)
         except ValueError:
-            hint = "" if self._frames else _not_iscl_hint(self._buffer[self._pos :])
             raise RemoteProtocolError(
-                f"unknown message ID 0x{raw_id:08X}{hint}", ErrorCode.BAD_MSGID
+                f"unknown message ID 0x{raw_id:08X}{self.not_iscl_hint()}",
+                ErrorCode.BAD_MSGID,
             ) from None
 
         if (

@@ -943,3 +943,12 @@ def test_card_answer_without_a_request() -> None:
         conn.card_failed(CardError("no request"))
     with pytest.raises(LocalProtocolError):
         conn.send_message(b"before authentication")
+
+
+def test_a_peer_that_closes_after_a_short_foreign_greeting_is_named() -> None:
+    server = Connection(Role.SERVER, Settings(), make_keys())
+    server.receive_data(b"GET / HTTP/1.0\r\n\r\n")
+    server.receive_data(b"")
+    with pytest.raises(ConnectionLost, match="; not ISCL: the peer sent an HTTP"):
+        while server.next_event() is not NEED_DATA:
+            pass

@@ -334,3 +334,30 @@ def test_aio_send_times_out_when_the_peer_stops_reading() -> None:
     errors = aio_send_to_a_peer_that(STOPS_READING, through=False)
     assert len(errors) == 1
     assert isinstance(errors[0], PeerTimeout)
+
+
+def test_a_short_foreign_greeting_is_named_when_it_times_out() -> None:
+    """An SSH client's banner is shorter than an ISCL header; the server
+    waits for the rest of a header and then says what it got."""
+    cards, keys = make_cards(), make_keys()
+    errors: list[BaseException] = []
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            sync.accept(
+                conn, card=cards.server, keys=keys, timeouts=Timeouts(handshake=SHORT)
+            )
+        except IsclError as exc:
+            errors.append(exc)
+
+    with blocking_server(serve) as port:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"SSH-2.0-x\r\n")
+            sock.settimeout(GUARD)
+            while sock.recv(4096):
+                pass  # until the server gives up and closes
+
+    assert len(errors) == 1
+    assert isinstance(errors[0], PeerTimeout)
+    assert "did not finish its message in time" in str(errors[0])
+    assert str(errors[0]).endswith("; not ISCL: the peer sent an SSH greeting")

@@ -185,6 +185,17 @@ def test_a_first_frame_of_another_protocol_is_named(start: bytes, named: str) ->
         decoder.next_frame()
 
 
+@pytest.mark.parametrize(
+    ("start", "named"),
+    [(b"SSH-2.0-x\r\n", "SSH greeting"), (b"GET / HTTP/1.0\r\n\r\n", "HTTP request")],
+)
+def test_a_greeting_shorter_than_a_header_is_named(start: bytes, named: str) -> None:
+    decoder = FrameDecoder(ByteOrder.BIG, BLOCK)
+    decoder.feed(start)
+    assert decoder.next_frame() is None  # still waiting for a whole header
+    assert decoder.not_iscl_hint() == f"; not ISCL: the peer sent an {named}"
+
+
 def test_only_the_first_frame_gets_a_foreign_protocol_hint() -> None:
     decoder = FrameDecoder(ByteOrder.BIG, BLOCK)
     decoder.feed(encode_frame(ByteOrder.BIG, MessageId.LINE_DISCONNECTION_RQ))
