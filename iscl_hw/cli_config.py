@@ -189,6 +189,7 @@ def summary(config: SiteConfig) -> list[str]:
         f"handshakes per peer, stop grace {limits.stop_grace:g} s; "
         f"{limits.max_failures} failures in {limits.failure_window:g} s block a "
         f"peer for {limits.failure_cooldown:g} s"
+        + (" (so never: the limiter is off)" if not limits.failure_cooldown else "")
     )
     lines.append(
         f"timeouts  handshake {_seconds(timeouts.handshake)}, peer answer "

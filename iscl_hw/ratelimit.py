@@ -39,6 +39,11 @@ class FailureLimiter:
         self._lock = threading.Lock()
         self._failures: dict[str, collections.deque[float]] = {}
         self._blocked_until: dict[str, float] = {}
+        if cooldown <= 0:
+            log.warning(
+                "failure cool-down is 0 s: a peer that keeps failing "
+                "authentication is never refused"
+            )
 
     def blocked(self, peer: str) -> bool:
         with self._lock:

@@ -1099,3 +1099,26 @@ def test_config_check_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
         err = process.stderr.read().decode()
         assert process.wait(60) == 141
     assert err == ""
+
+
+def test_a_zero_failure_cooldown_is_shown_as_the_limiter_off(
+    tmp_path: Path,
+    softcard_files: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = write(
+        tmp_path,
+        BASE.replace("a.card", "cards/server.card").replace(
+            "a.keys", "cards/server.keys"
+        )
+        + "[limits]\nfailure_cooldown = 0\n",
+    )
+    assert cli.main(["config", "check", str(path)]) == 0
+    assert "block a peer for 0 s (so never: the limiter is off)" in (
+        capsys.readouterr().out
+    )
+
+    with caplog.at_level(logging.WARNING, logger="iscl_hw.ratelimit"):
+        load_site_config(path).limits.limiter()
+    assert "a peer that keeps failing authentication is never refused" in caplog.text
