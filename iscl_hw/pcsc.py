@@ -428,7 +428,24 @@ class ReaderLink:
         code = _code(hresult)
         if code in _MAYBE_GONE and self._gone_within(_GONE_WAIT):
             return _error("transmit", _W_REMOVED_CARD, self.reader)
-        return _error("transmit", hresult, self.reader)
+        error = _error("transmit", hresult, self.reader)
+        if type(error) is PcscError and not self._service_alive():
+            # pcscd dying mid-command has failed it with other codes here
+            # (0x8010006A, "Access denied").
+            return PcscServiceLost(
+                f"{error}; pcscd went away during the command", self.reader, code
+            )
+        return error
+
+    def _service_alive(self) -> bool:
+        """False when pcscd no longer answers on this context."""
+        try:
+            self.context.states([self.reader])
+        except PcscServiceLost:
+            return False
+        except PcscError:
+            pass  # pcscd answered, if only with an error
+        return True
 
     def card_present(self) -> bool:
         try:

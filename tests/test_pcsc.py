@@ -46,6 +46,7 @@ from iscl_hw.pcsc import (
     PcscCardRemoved,
     PcscContext,
     PcscError,
+    PcscServiceLost,
     PcscTimeout,
     ReaderBusy,
     ReaderSelector,
@@ -856,6 +857,38 @@ def test_failed_transmit_waits_for_the_removal_to_show(
             monkeypatch.undo()
             link.close()
             pcsc_env.insert(SERVER_SLOT)
+
+
+@pytest.mark.parametrize("pcscd_gone", [False, True])
+def test_an_odd_transmit_failure_is_service_lost_when_pcscd_is_gone(
+    pcsc_env: PcscEnv, monkeypatch: pytest.MonkeyPatch, pcscd_gone: bool
+) -> None:
+    """pcscd dying mid-command has failed it with 0x8010006A ("Access
+    denied"): when pcscd no longer answers, that is PcscServiceLost, which
+    the engine knows to re-establish the context for; otherwise the code
+    stays as it came."""
+    from smartcard import scard
+
+    pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
+    status_change = scard.SCardGetStatusChange
+
+    def gone(*args: object) -> object:
+        return 0x8010001D, []
+
+    with PcscContext() as context:
+        link = open_reader(context, ReaderSelector(name=SERVER_READER))
+        try:
+            monkeypatch.setattr(scard, "SCardTransmit", lambda *a: (0x8010006A, []))
+            if pcscd_gone:
+                monkeypatch.setattr(scard, "SCardGetStatusChange", gone)
+            with pytest.raises(PcscError, match="0x8010006A") as raised:
+                link.transmit(bytes.fromhex("0084000008"))
+            assert isinstance(raised.value, PcscServiceLost) is pcscd_gone
+            assert raised.value.reader == SERVER_READER
+        finally:
+            monkeypatch.undo()
+            assert scard.SCardGetStatusChange is status_change
+            link.close()
 
 
 def test_trace_lines_are_printed_once(

@@ -248,6 +248,9 @@ def test_a_receiver_that_cannot_write_tells_the_sender_why(
     assert os.listdir(sites.inbox) == []
     code, _, err = receiver.finish()
     assert code != 0 and "cannot write: File too large" in err, (code, err)
+    # The sender was mid-file: the line is dropped, not a disconnection
+    # asked for that the sender would refuse.
+    assert "refused the line disconnection" not in err, err
 
 
 def test_path_traversal_names_are_refused(
