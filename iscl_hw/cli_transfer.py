@@ -648,6 +648,9 @@ class _Receiver:
                 _warn(peer, f"{_shown(manifest.name)}: {exc}")
                 with contextlib.suppress(IsclError):
                     await _reply(channel, "failed", reason=str(exc))
+                # The sender is mid-file and would refuse a disconnection;
+                # it has our reason and sees the line drop.
+                await channel.abort()
                 return False
             await _reply(channel, "stored", name=target.name, sha256=manifest.sha256)
             print(
