@@ -32,6 +32,7 @@ __all__ = [
     "INS_SELECT",
     "INS_VERIFY",
     "SW_OK",
+    "SW_SECURITY_STATUS",
     "ApduFormatError",
     "CommandApdu",
     "ResponseApdu",
@@ -60,6 +61,7 @@ INS_SELECT: Final = 0xA4
 INS_GET_RESPONSE: Final = 0xC0
 
 SW_OK: Final = 0x9000
+SW_SECURITY_STATUS: Final = 0x6982
 
 # Commands whose data field may appear in a trace; any other data field
 # (VERIFY's PIN, anything that could carry a key) is shown as a length.
@@ -119,7 +121,8 @@ def sw_meaning(sw1: int, sw2: int) -> str:
     if sw in _SW_MEANINGS:
         return _SW_MEANINGS[sw]
     if sw1 == 0x63 and sw2 & 0xF0 == 0xC0:
-        return f"verification failed, {sw2 & 0x0F} tries left"
+        tries = sw2 & 0x0F
+        return f"verification failed, {tries} {'try' if tries == 1 else 'tries'} left"
     if sw1 == 0x61:
         return f"{sw2 or 256} response bytes still available"
     if sw1 == 0x6C:

@@ -19,6 +19,7 @@ from iscl_hw.constants import CHALLENGE_LENGTH, KEY_INDEXES, ErrorCode
 from iscl_hw.errors import (
     AuthenticationBlocked,
     LocalProtocolError,
+    PinRefused,
     StatusWordError,
     VerificationFailed,
 )
@@ -155,8 +156,7 @@ class ApduCard(Card):
         apdu.parse_select_resp(self._exchange(apdu.gen_select_aid_apdu(aid), "SELECT"))
         if pin is not None:
             self._check_pin_tries(allow_last_pin_try)
-            resp = self._exchange(apdu.gen_verify_apdu(pin), "VERIFY")
-            apdu.parse_verify_resp(resp)
+            self._verify(pin)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -195,6 +195,20 @@ class ApduCard(Card):
         close = getattr(self._transport, "close", None)
         if callable(close):
             close()
+
+    def _verify(self, pin: bytes) -> None:
+        resp = self._exchange(apdu.gen_verify_apdu(pin), "VERIFY")
+        try:
+            apdu.parse_verify_resp(resp)
+        except AuthenticationBlocked:
+            raise
+        except VerificationFailed as exc:
+            raise PinRefused(
+                f"card {self.name!r}: VERIFY refused the PIN, "
+                f"{apdu.sw_meaning(exc.sw1, exc.sw2)}",
+                exc.sw1,
+                exc.sw2,
+            ) from None
 
     def _check_pin_tries(self, allow_last: bool) -> None:
         """Refuse to spend the card's last PIN try: a wrong PIN file read at

@@ -31,6 +31,7 @@ __all__ = [
     "PeerRefusedClose",
     "PeerRejectedAuthentication",
     "PeerTimeout",
+    "PinRefused",
     "ProtocolError",
     "RemoteProtocolError",
     "StatusWordError",
@@ -195,3 +196,8 @@ class VerificationFailed(StatusWordError):
     def __init__(self, message: str, sw1: int, sw2: int) -> None:
         super().__init__(message, sw1, sw2)
         self.retries_left: int | None = sw2 & 0x0F if sw2 & 0xF0 == 0xC0 else None
+
+
+class PinRefused(VerificationFailed):
+    """The card refused the PIN (VERIFY) and counted a try; a card backend
+    does not send that PIN again."""

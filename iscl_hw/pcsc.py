@@ -47,8 +47,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, Final, TypeVar
 
+from iscl_hw.apdu import SW_SECURITY_STATUS
 from iscl_hw.card import ISCL_AID, ApduCard, Card
-from iscl_hw.errors import CardCommunicationError, CardRemoved, ConfigError
+from iscl_hw.errors import (
+    CardCommunicationError,
+    CardRemoved,
+    ConfigError,
+    PinRefused,
+    StatusWordError,
+)
 from iscl_hw.transport import AtrInfo, parse_atr
 
 __all__ = [
@@ -637,6 +644,7 @@ class PcscCard(Card):
         self._card: ApduCard | None = None
         self._closed = False
         self._challenge_out = False
+        self._pin_refused: PinRefused | None = None
         # One operation at a time; what end_span/close could not run at
         # once (an operation held the card) runs when it lets go.
         self._io = threading.Lock()
@@ -667,6 +675,15 @@ class PcscCard(Card):
         return self._link.protocol_number if self._link is not None else None
 
     def _open(self, wait: float) -> ApduCard:
+        if self._pin_refused is not None:
+            # The card counts wrong PINs: one a card refused is never sent
+            # again on its own (a reopen after a removal, say).
+            raise PinRefused(
+                f"{self._pin_refused}; iscl does not send it again: put the "
+                "right PIN in place, then restart",
+                self._pin_refused.sw1,
+                self._pin_refused.sw2,
+            )
         link = open_reader(
             self._context,
             self.selector,
@@ -682,6 +699,10 @@ class PcscCard(Card):
                 name=link.reader,
                 extended_length=self._extended_length(link),
             )
+        except PinRefused as exc:
+            self._pin_refused = exc
+            link.close()
+            raise
         except BaseException:
             link.close()
             raise
@@ -787,6 +808,22 @@ class PcscCard(Card):
             # card state is lost and no retry counter is involved: a card
             # put back since the last use is opened again, once.
             _log.info("card %r: opening it again after a removal", self.name)
+            return operation(self._session())
+        except StatusWordError as exc:
+            if exc.sw != SW_SECURITY_STATUS or self._pin is None:
+                raise
+            # The card forgot its verified PIN: another program selected an
+            # application on it, or reset it.  The next use opens it again
+            # (SELECT, VERIFY); this one too, unless that loses a challenge
+            # of the current span.
+            _log.warning(
+                "card %r lost its PIN verification (another program used it?); "
+                "it is selected and verified again",
+                self.name,
+            )
+            self._drop()
+            if self._challenge_out:
+                raise
             return operation(self._session())
 
     # -- Card ------------------------------------------------------------------

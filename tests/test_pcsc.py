@@ -34,8 +34,16 @@ from iscl_hw.apdu import (
 )
 from iscl_hw.card import ISCL_AID, ApduCard
 from iscl_hw.cli_serve import cmd_card_serve
+from iscl_hw.crypto import des_ecb_encrypt
 from iscl_hw.endpoint import Timeouts
-from iscl_hw.errors import CardError, CardRemoved, ConfigError, IsclError
+from iscl_hw.errors import (
+    CardError,
+    CardRemoved,
+    ConfigError,
+    IsclError,
+    PinRefused,
+    StatusWordError,
+)
 from iscl_hw.keyfile import KeyStore
 from iscl_hw.pcsc import (
     VPCD_PORTS,
@@ -57,6 +65,7 @@ from iscl_hw.pcsc import (
 from iscl_hw.transport import ApduLink
 from softcard.cardfile import create_card_file, new_card_state
 from softcard.emulator import SoftCard
+from softcard.profiles import ProfiledCard
 
 __all__ = ["pcsc_env"]  # the fixture, imported for pytest
 
@@ -1037,3 +1046,94 @@ def test_probe_pin_states() -> None:
         "PIN: verified already",
         True,
     )
+
+
+# ------------------------------------------------------------ the card's PIN
+
+
+def _pin_card(auth: dict[int, bytes], pin: bytes) -> tuple[SoftCard, ProfiledCard]:
+    soft = SoftCard(new_card_state(auth, pin=pin, max_retries=5))
+    return soft, ProfiledCard(soft, "plain")
+
+
+def _tries_left(soft: SoftCard) -> int:
+    assert soft.state.pin is not None
+    return soft.state.pin.remaining
+
+
+def _select_from_another_program() -> None:
+    """What `iscl card probe` does to a card a server holds: SELECT on a
+    connection of its own, which ends the card's PIN verification."""
+    with PcscContext() as context:
+        link = open_reader(context, ReaderSelector(name=SERVER_READER))
+        try:
+            answer = link.transmit(gen_select_aid_apdu(ISCL_AID).encode())
+            assert answer[-2:] == b"\x90\x00"
+        finally:
+            link.close()
+
+
+def test_a_card_that_lost_its_pin_verification_is_verified_again(
+    pcsc_env: PcscEnv,
+) -> None:
+    auth = {1: os.urandom(8)}
+    soft, card = _pin_card(auth, b"1234")
+    pcsc_env.put(SERVER_SLOT, card)
+    pcsc = PcscCard(SERVER_READER, pin=lambda: b"1234", card_timeout=5)
+    try:
+        challenge = os.urandom(8)
+        expected = des_ecb_encrypt(auth[1], challenge)
+        assert pcsc.internal_authenticate(1, challenge) == expected
+
+        # Outside a span the operation is run again once the card is back.
+        _select_from_another_program()
+        assert pcsc.internal_authenticate(1, challenge) == expected
+
+        # Inside a span the PC/SC transaction keeps other programs out; a
+        # card that forgets anyway (here: told so behind pcscd's back) took
+        # the span's challenge with it: this span fails, the next works.
+        pcsc.begin_span()
+        pcsc.get_challenge()
+        soft.transmit(gen_select_aid_apdu(ISCL_AID).encode())
+        with pytest.raises(StatusWordError, match="6982"):
+            pcsc.internal_authenticate(1, challenge)
+        pcsc.end_span()
+        pcsc.begin_span()
+        pcsc.get_challenge()
+        assert pcsc.internal_authenticate(1, challenge) == expected
+        pcsc.end_span()
+        assert _tries_left(soft) == 5
+    finally:
+        pcsc.close()
+        pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
+
+
+def test_a_pin_the_card_refused_is_never_sent_again(pcsc_env: PcscEnv) -> None:
+    """A card swapped for one with another PIN (or a PIN file changed): the
+    reopen spends one try, and no later use sends the PIN again."""
+    auth = {1: os.urandom(8)}
+    _, first = _pin_card(auth, b"1234")
+    pcsc_env.put(SERVER_SLOT, first)
+    pcsc = PcscCard(SERVER_READER, pin=lambda: b"1234", card_timeout=5)
+    try:
+        pcsc.internal_authenticate(1, bytes(8))
+        other_soft, other = _pin_card(auth, b"5678")
+        pcsc_env.remove(SERVER_SLOT)
+        pcsc_env.wait_card(SERVER_SLOT, present=False)
+        pcsc_env.put(SERVER_SLOT, other)
+
+        with pytest.raises(PinRefused, match="4 tries left"):
+            pcsc.internal_authenticate(1, bytes(8))
+        assert _tries_left(other_soft) == 4
+        for attempt in (
+            lambda: pcsc.internal_authenticate(1, bytes(8)),
+            pcsc.begin_span,
+            pcsc.get_challenge,
+        ):
+            with pytest.raises(PinRefused, match="does not send it again"):
+                attempt()
+        assert _tries_left(other_soft) == 4
+        assert "5678" not in repr(pcsc) and "1234" not in repr(pcsc)
+    finally:
+        pcsc.close()
+        pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
