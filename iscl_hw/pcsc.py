@@ -1003,7 +1003,10 @@ def vpcd_installed() -> bool:
 
 
 def pcscd_running() -> bool:
-    """True if a pcscd answers (a context can be established)."""
+    """True if a pcscd answers (a context can be established).  Raises
+    PcscUnavailable if pyscard is not installed: that is not pcscd's
+    absence, and starting one would not help."""
+    _scard()
     try:
         with PcscContext() as context:
             context.readers()

@@ -151,3 +151,21 @@ def test_the_demo_needs_no_optional_backend() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "identical: the file arrived intact" in done.stdout
+
+
+def test_the_pcsc_demo_without_pyscard_says_so() -> None:
+    """Without the pcsc extra the pcsc demo names the missing package at
+    once; it neither blames pcscd nor starts one."""
+    import subprocess
+    import sys
+
+    blocked = "import sys; sys.modules['smartcard'] = None"
+    code = f"{blocked}; from iscl_hw.cli import main; sys.exit(main(['demo', "
+    code += "'--backend', 'pcsc']))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pyscard is not installed; install the 'pcsc' extra" in done.stderr
+    assert "started pcscd" not in done.stdout
+    assert "did not answer" not in done.stderr
