@@ -109,7 +109,14 @@ def pin_from_prompt(prompt: str = "card PIN: ") -> PinSource:
     """A PIN source asking on the terminal, without echo."""
 
     def read() -> bytes:
-        pin = getpass.getpass(prompt)
+        try:
+            pin = getpass.getpass(prompt)
+        except EOFError:
+            # No terminal (a service manager): getpass read standard input.
+            raise _UsageError(
+                "no PIN entered: the prompt found no terminal and standard input "
+                "ended; give the PIN in an environment variable or a file"
+            ) from None
         if not pin:
             raise _UsageError("no PIN entered")
         return pin.encode()
@@ -172,10 +179,29 @@ def add_reader_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--wait",
-        type=float,
+        type=_seconds(zero=True),
         metavar="S",
         help="wait for a card (a pcsc --config site's card_wait, else 5 s)",
     )
+
+
+def _seconds(*, zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds up to a day, above 0
+    (or from 0 with ``zero``), as the site file's seconds are."""
+    wanted = f"a number of seconds {'>= 0' if zero else '> 0'} and <= 86400"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{wanted}, not {text!r}") from None
+        if not math.isfinite(value) or value < 0 or value > 86400:
+            raise argparse.ArgumentTypeError(f"{wanted}, not {text}")
+        if value == 0 and not zero:
+            raise argparse.ArgumentTypeError(f"{wanted}, not {text}")
+        return value
+
+    return parse
 
 
 def reader_selector(args: argparse.Namespace) -> ReaderSelector:
@@ -191,7 +217,7 @@ def protocol_override(args: argparse.Namespace) -> int | None:
 def _add_timeout(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds(zero=False),
         default=ANSWER_TIMEOUT,
         metavar="S",
         help="give up when the reader leaves a command unanswered for S seconds "
@@ -474,6 +500,8 @@ def _probe_options(args: argparse.Namespace) -> _ProbeOptions:
             aid = bytes.fromhex(args.aid)
         except ValueError as exc:
             raise ConfigError(f"bad AID: {exc}") from None
+        if not 5 <= len(aid) <= 16:
+            raise ConfigError(f"bad AID: an AID is 5..16 bytes, got {len(aid)}")
     else:
         aid = card.aid if card is not None else ISCL_AID
     pin = _pin_source(args)

@@ -1140,3 +1140,39 @@ def test_a_pin_the_card_refused_is_never_sent_again(pcsc_env: PcscEnv) -> None:
     finally:
         pcsc.close()
         pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
+
+
+@pytest.mark.parametrize("aid", ["00", "", "00" * 17])
+def test_probe_refuses_an_aid_of_the_wrong_length(
+    aid: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _parse(["probe", "--reader-index", "0", "--aid", aid])
+    assert args.func(args) == 2
+    assert "bad AID: an AID is 5..16 bytes" in capsys.readouterr().err
+
+
+def test_a_pin_prompt_without_a_terminal_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_terminal(prompt: str = "") -> str:
+        raise EOFError
+
+    monkeypatch.setattr("getpass.getpass", no_terminal)
+    with pytest.raises(IsclError, match="the prompt found no terminal"):
+        cli_pcsc.pin_from_prompt()()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--wait", "-1"], ["--wait", "nan"], ["--wait", "inf"], ["--timeout", "0"]],
+)
+def test_probe_seconds_are_checked_as_the_site_file_checks_them(
+    option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        _parse(["probe", "--reader-index", "0", *option])
+    assert f"argument {option[0]}: a number of seconds" in capsys.readouterr().err
+
+
+def test_probe_takes_a_zero_wait() -> None:
+    assert _parse(["probe", "--wait", "0"]).wait == 0.0
