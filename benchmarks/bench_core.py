@@ -86,8 +86,8 @@ async def bench_throughput(
     """MB/s of 1 MiB messages client to server; ``sides`` is (server card,
     client card, server keys, client keys), virtual cards by default."""
     if sides is None:
-        server_card, client_card, keys = make_cards()
-        sides = (server_card, client_card, keys, keys)
+        made = make_cards()
+        sides = (made[0], made[1], made[2], made[2])
     server_card, client_card, server_keys, client_keys = sides
     done = asyncio.Event()
 

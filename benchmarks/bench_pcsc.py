@@ -49,11 +49,12 @@ from iscl_hw.pcsc import (
     VPCD_PORTS,
     VPCD_READERS,
     PcscCard,
-    PcscCardRemoved,
     PcscdChild,
+    PcscError,
     pcscd_running,
+    vpcd_slots,
 )
-from softcard.cardfile import create_card_file, new_card_state
+from softcard.cardfile import CARD_PROFILES, create_card_file, new_card_state
 from softcard.emulator import SoftCard
 from softcard.profiles import ProfiledCard
 from softcard.vpcd import VpcdCardBridge
@@ -62,15 +63,39 @@ from softcard.vpcd import VpcdCardBridge
 def open_card(reader: str) -> PcscCard:
     """The card in ``reader``, once it is there: with a pcscd that was
     already running, the reader may still show the card of the run before
-    for a moment (pcscd polls vpcd about three times a second)."""
+    for a moment (pcscd polls vpcd about three times a second), and a card
+    still powering up can fail its first command ("Transaction failed")."""
     deadline = time.monotonic() + 10
     while True:
         try:
             return PcscCard(reader, card_timeout=5)
-        except PcscCardRemoved:
+        except PcscError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def private_readers() -> Iterator[None]:
+    """pcscd with both vpcd readers free for the benchmark's cards: a
+    private ``pcscd --foreground`` when none runs, else the running one
+    once it shows no card in them (cards of another program there would
+    be measured, and that program disturbed)."""
+    if not pcscd_running():
+        with PcscdChild() as child:
+            print(f"started pcscd, PID {child.pid}")
+            yield
+        return
+    taken = [slot.reader for slot in vpcd_slots(settle=1.0) if slot.has_card]
+    if taken:
+        many = len(taken) > 1
+        raise SystemExit(
+            f"bench_pcsc: vpcd reader{'s' if many else ''} "
+            f"{', '.join(map(repr, taken))} {'have' if many else 'has'} a card "
+            "(another 'iscl card serve', or a server using it); stop that "
+            "first: the benchmark needs both readers"
+        )
+    yield
 
 
 def _ms(values: list[float], q: int) -> float:
@@ -88,9 +113,7 @@ def cards(
     auth = auth or {index: os.urandom(8) for index in KEY_INDEXES}
     keys = KeyStore({index: os.urandom(8) for index in KEY_INDEXES})
     with contextlib.ExitStack() as stack:
-        if not pcscd_running():
-            child = stack.enter_context(PcscdChild())
-            print(f"started pcscd, PID {child.pid}")
+        stack.enter_context(private_readers())
         opened = []
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for reader, port in zip(VPCD_READERS, VPCD_PORTS, strict=True):
@@ -188,9 +211,7 @@ def two_process_handshakes(
     auth = {index: os.urandom(8) for index in KEY_INDEXES}
     enc = {index: os.urandom(8) for index in KEY_INDEXES}
     with contextlib.ExitStack() as stack:
-        if not pcscd_running():
-            child = stack.enter_context(PcscdChild())
-            print(f"started pcscd, PID {child.pid}")
+        stack.enter_context(private_readers())
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for port in VPCD_PORTS:
             stack.enter_context(_serve_process(directory, auth, profile, port))
@@ -267,7 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--apdus", type=int, default=1000)
     parser.add_argument("--handshakes", type=int, default=200)
-    parser.add_argument("--profile", default="plain")
+    parser.add_argument("--profile", default="plain", choices=CARD_PROFILES)
     parser.add_argument(
         "--bridges",
         choices=["threads", "processes"],

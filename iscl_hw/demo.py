@@ -148,7 +148,7 @@ def _pcsc_cards(server: _Peer, client: _Peer, out: TextIO) -> Iterator[list[Card
         if not pcsc.pcscd_running():
             child = stack.enter_context(pcsc.PcscdChild())
             print(f"  started pcscd (PID {child.pid}); stopped at the end", file=out)
-        slots = _free_vpcd_slots(_settled_vpcd_slots())
+        slots = _free_vpcd_slots(pcsc.vpcd_slots(settle=_STALE_CARD_WAIT))
         print("\n[1] both cards into the vpcd readers (SELECT by AID)", file=out)
         cards: list[Card] = []
         for peer, slot in zip((server, client), slots, strict=True):
@@ -169,21 +169,6 @@ def _pcsc_cards(server: _Peer, client: _Peer, out: TextIO) -> Iterator[list[Card
             print(f"  {peer.name} card in {slot.reader!r}, T={card.protocol}", file=out)
             cards.append(card)
         yield cards
-
-
-def _settled_vpcd_slots() -> list[VpcdSlot]:
-    """The vpcd slots, once a card that just left (a demo run a moment
-    ago) has had the time pcscd takes to notice (it polls vpcd about three
-    times a second)."""
-    from iscl_hw.pcsc import vpcd_slots
-
-    deadline = time.monotonic() + _STALE_CARD_WAIT
-    while True:
-        slots = vpcd_slots()
-        free = [slot for slot in slots if not slot.has_card]
-        if len(free) >= 2 or time.monotonic() >= deadline:
-            return slots
-        time.sleep(0.05)
 
 
 def _free_vpcd_slots(slots: list[VpcdSlot]) -> list[VpcdSlot]:

@@ -964,9 +964,23 @@ class VpcdSlot:
     has_card: bool
 
 
-def vpcd_slots(context: PcscContext | None = None) -> list[VpcdSlot]:
+def vpcd_slots(
+    context: PcscContext | None = None, *, settle: float = 0.0
+) -> list[VpcdSlot]:
     """The vpcd readers pcscd has (Debian's configuration: VPCD_READERS on
-    VPCD_PORTS), each with whether a card is in it already."""
+    VPCD_PORTS), each with whether a card is in it already.  With
+    ``settle``, a reader that shows a card is looked at again for up to
+    that long: a card that just left (a run a moment ago) shows until
+    pcscd's next poll of vpcd, about a third of a second later."""
+    deadline = time.monotonic() + settle
+    while True:
+        slots = _vpcd_slots(context)
+        if all(not slot.has_card for slot in slots) or time.monotonic() >= deadline:
+            return slots
+        time.sleep(_POLL_INTERVAL)
+
+
+def _vpcd_slots(context: PcscContext | None) -> list[VpcdSlot]:
     own = context is None
     context = context or PcscContext()
     try:
