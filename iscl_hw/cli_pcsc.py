@@ -36,7 +36,8 @@ from iscl_hw import apdu
 from iscl_hw.apdu import ResponseApdu, format_apdu_for_trace
 from iscl_hw.card import ISCL_AID
 from iscl_hw.constants import CHALLENGE_LENGTH, KEY_INDEXES
-from iscl_hw.errors import ConfigError, IsclError
+from iscl_hw.errors import ConfigError, IsclError, KeyFileError
+from iscl_hw.keyfile import read_private_file
 from iscl_hw.pcsc import (
     PcscContext,
     PcscTimeout,
@@ -90,14 +91,14 @@ def pin_from_env(variable: str) -> PinSource:
 
 
 def pin_from_file(path: Path) -> PinSource:
-    """A PIN source reading the first line of ``path`` each time."""
+    """A PIN source reading the first line of ``path`` each time; the file
+    must be a regular file only its owner can access, as a key file."""
 
     def read() -> bytes:
         try:
-            pin = path.read_bytes().split(b"\n", 1)[0].rstrip(b"\r")
-        except OSError as exc:
-            message = exc.strerror or type(exc).__name__
-            raise _UsageError(f"cannot read {path}: {message}") from None
+            pin = read_private_file(path).split(b"\n", 1)[0].rstrip(b"\r")
+        except KeyFileError as exc:
+            raise _UsageError(f"PIN file: {exc}") from None
         if not pin:
             raise _UsageError(f"{path} holds no PIN")
         return pin

@@ -55,6 +55,8 @@ __all__ = [
 
 CARD_FILE_FORMAT: Final = "iscl-softcard"
 _VERSION: Final = 1
+# Ten times the default: still well under a second per VERIFY here.
+MAX_PIN_ITERATIONS: Final = 1_000_000
 PIN_ITERATIONS: Final = 100_000
 _SALT_LENGTH: Final = 16
 # 63Cx carries the retries left in one nibble (ISO/IEC 7816-4 5.6).
@@ -248,8 +250,11 @@ def _decode_pin(path: StrPath, entry: object) -> PinRecord:
     if len(digest) != hashlib.sha256().digest_size or not salt:
         raise KeyFileError(f"{path}: pin.salt or pin.hash has a wrong length")
     iterations = _int_field(path, "pin.iterations", entry.get("iterations"))
-    if iterations < 1:
-        raise KeyFileError(f"{path}: pin.iterations must be positive")
+    if not 1 <= iterations <= MAX_PIN_ITERATIONS:
+        raise KeyFileError(
+            f"{path}: pin.iterations must be 1..{MAX_PIN_ITERATIONS} "
+            f"(a VERIFY would take too long), got {iterations}"
+        )
     max_retries, remaining = _counters(path, "pin", entry)
     return PinRecord(salt, digest, iterations, max_retries, remaining)
 

@@ -219,6 +219,11 @@ def test_card_init_from_files(
     card, keys = tmp_path / "card.json", tmp_path / "keys.json"
     argv = ["card", "init", str(card), "--key-file", str(keys)]
     argv += ["--keys-from", str(material), "--pin-file", str(pin_file)]
+    pin_file.chmod(0o644)  # a PIN file others can read is refused, as a key file
+    assert run_cli(argv) == 2
+    assert "PIN file: " in capsys.readouterr().err
+    assert not card.exists()
+    pin_file.chmod(0o600)
     assert run_cli(argv) == 0
     assert "97531" not in capsys.readouterr().out
     pin = load_card_file(card).pin

@@ -146,6 +146,7 @@ def test_cli_init_in_a_subprocess(tmp_path: Path) -> None:
     so_pin, user_pin = "sub-so-pin-11223", "sub-user-pin-44556"
     pin_file = tmp_path / "user.pin"
     pin_file.write_text(user_pin + "\n")
+    pin_file.chmod(0o600)
     directory = tmp_path / "hsm dir"  # a space: the export line is quoted
     env = {**os.environ, "TEST_HSM_SO": so_pin}
     env.pop(softhsm.CONF_ENV, None)
