@@ -274,3 +274,20 @@ def test_card_info_refuses_unsafe_file(
     card.chmod(0o644)
     assert run_cli(["card", "info", str(card)]) == 2
     assert "chmod 600" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("iterations", [0, 10**12])
+def test_a_card_file_pin_iterations_out_of_range_is_refused(
+    tmp_path: Path, iterations: int
+) -> None:
+    """10**12 PBKDF2 rounds would make the card's first VERIFY hang."""
+    from softcard.cardfile import create_card_file
+
+    card = tmp_path / "card.json"
+    create_card_file(card, {1: os.urandom(8)}, pin=b"2468")
+    data = json.loads(card.read_text())
+    data["pin"]["iterations"] = iterations
+    card.write_text(json.dumps(data))
+    card.chmod(0o600)
+    with pytest.raises(KeyFileError, match=r"pin\.iterations must be 1\.\.1000000"):
+        load_card_file(card)
