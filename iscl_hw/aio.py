@@ -684,6 +684,7 @@ async def start_server(
                 False,
                 str(exc),
                 role="server",
+                our_card=isinstance(exc, CardError),
             )
             return False
         limiter.success(peer)

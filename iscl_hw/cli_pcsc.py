@@ -403,7 +403,9 @@ def _pin_state(link: ApduLink, pin: PinSource | None) -> tuple[str, bool]:
     must not block the card."""
     resp = link.exchange(apdu.gen_verify_status_apdu(), "VERIFY (tries left)")
     if resp.sw == 0x6A88:
-        return "PIN: none", pin is None
+        if pin is None:
+            return "PIN: none", True
+        return "PIN: none on this card, so the PIN given was not sent", False
     if resp.sw == apdu.SW_OK:
         return "PIN: verified already", True
     tries = resp.sw2 & 0x0F if resp.sw1 == 0x63 and resp.sw2 & 0xF0 == 0xC0 else None

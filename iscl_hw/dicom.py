@@ -79,6 +79,7 @@ from iscl_hw.card import Card
 from iscl_hw.core import Connection, Phase, Role
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import (
+    CardError,
     ConfigError,
     ConnectionLost,
     IsclError,
@@ -490,6 +491,7 @@ class IsclLine:
             False,
             str(exc),
             role=self.role.value,
+            our_card=isinstance(exc, CardError),
         )
 
     async def _relay(self, channel: aio.AsyncChannel) -> None:

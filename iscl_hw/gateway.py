@@ -51,6 +51,7 @@ from iscl_hw.core import Phase, Role
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import (
     AuthenticationError,
+    CardError,
     ConfigError,
     ConnectionLost,
     IntegrityError,
@@ -810,7 +811,10 @@ async def _handshake(channel: aio.AsyncChannel, peer: str) -> aio.AsyncChannel:
     except BaseException as exc:
         await channel.abort()
         if isinstance(exc, IsclError) and not isinstance(exc, PeerNeverSpoke):
-            audit_authentication(peer, key_index, False, str(exc), role=role)
+            ours = isinstance(exc, CardError)
+            audit_authentication(
+                peer, key_index, False, str(exc), role=role, our_card=ours
+            )
         raise
     audit_authentication(peer, key_index, True, role=role)
     return channel

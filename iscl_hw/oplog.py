@@ -149,10 +149,13 @@ def audit_authentication(
     reason: str | None = None,
     *,
     role: str | None = None,
+    our_card: bool = False,
 ) -> None:
     """Record one authentication: ``peer`` (a socket address or text), the
     authentication key index (None if the handshake did not get that far),
-    whether it succeeded, and why not.  ``role`` is this side's role."""
+    whether it succeeded, and why not.  ``role`` is this side's role;
+    ``our_card`` says a failure was our own card's (or its reader's), not
+    the peer's."""
     where = format_peer(peer)
     fields: dict[str, object] = {
         "event": "authentication",
@@ -161,6 +164,8 @@ def audit_authentication(
         "outcome": "success" if ok else "failure",
         "reason": reason,
     }
+    if not ok:
+        fields["failed_on"] = "our card" if our_card else "peer or line"
     if role is not None:
         fields["role"] = role
     key = "?" if key_index is None else str(key_index)
@@ -170,7 +175,8 @@ def audit_authentication(
         )
     else:
         _audit.warning(
-            "authentication failed: peer %s, key %s: %s",
+            "authentication failed%s: peer %s, key %s: %s",
+            " (our card)" if our_card else "",
             where,
             key,
             reason or "no reason given",

@@ -685,3 +685,30 @@ def test_server_audits_every_authentication(caplog: pytest.LogCaptureFixture) ->
     assert outcomes == [("success", 1), ("failure", 1)]
     assert all(r.__dict__["peer"].startswith("127.0.0.1") for r in records)
     assert records[1].levelno == logging.WARNING
+
+
+def test_the_audit_record_tells_our_card_failing_from_the_peer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="iscl.audit")
+    cards, keys = make_cards(), make_keys()
+    wrong = make_cards()  # another authentication key set
+    failing = FailingCard(cards.server, fail_at=0)
+
+    async def scenario() -> None:
+        for server_card, client_card in (
+            (failing, cards.client),
+            (cards.server, wrong.client),
+        ):
+            async with serving(echo([]), server_card, keys) as port:
+                with pytest.raises(IsclError):
+                    await aio.open_connection(
+                        "127.0.0.1", port, card=client_card, keys=keys
+                    )
+                await settle()
+
+    asyncio.run(scenario())
+    records = [r for r in caplog.records if r.name == "iscl.audit"]
+    assert [r.__dict__["failed_on"] for r in records] == ["our card", "peer or line"]
+    assert records[0].getMessage().startswith("authentication failed (our card): ")
+    assert records[1].getMessage().startswith("authentication failed: peer ")

@@ -1038,6 +1038,10 @@ def test_probe_never_spends_the_last_pin_try() -> None:
 def test_probe_pin_states() -> None:
     no_pin = SoftCard(new_card_state({1: os.urandom(8)}))
     assert cli_pcsc._pin_state(_selected_link(no_pin), None) == ("PIN: none", True)
+    assert cli_pcsc._pin_state(_selected_link(no_pin), lambda: b"1234") == (
+        "PIN: none on this card, so the PIN given was not sent",
+        False,
+    )
     with_pin = SoftCard(new_card_state({1: os.urandom(8)}, pin=b"1234"))
     link = _selected_link(with_pin)
     assert cli_pcsc._pin_state(link, None) == (
