@@ -532,6 +532,12 @@ key_file = "a.keys"
 """
 
 
+# BASE with the card and key files of the softcard_files fixture.
+SERVER_CARD_BASE = BASE.replace("a.card", "cards/server.card").replace(
+    "a.keys", "cards/server.keys"
+)
+
+
 def test_the_briefs_example_error(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + "\n[protocol]\nmax_block_length = 100\n")
     assert problems_of(path) == [
@@ -951,10 +957,7 @@ def test_config_check_notes_an_unset_pin_variable(
     monkeypatch.delenv("ISCL_TEST_UNSET_PIN", raising=False)
     path = write(
         tmp_path,
-        BASE.replace("a.card", "cards/server.card").replace(
-            "a.keys", "cards/server.keys"
-        )
-        + 'pin_env = "ISCL_TEST_UNSET_PIN"\n',
+        SERVER_CARD_BASE + 'pin_env = "ISCL_TEST_UNSET_PIN"\n',
     )
     assert cli.main(["config", "check", str(path)]) == 0
     assert capsys.readouterr().err == (
@@ -1109,10 +1112,7 @@ def test_a_zero_failure_cooldown_is_shown_as_the_limiter_off(
 ) -> None:
     path = write(
         tmp_path,
-        BASE.replace("a.card", "cards/server.card").replace(
-            "a.keys", "cards/server.keys"
-        )
-        + "[limits]\nfailure_cooldown = 0\n",
+        SERVER_CARD_BASE + "[limits]\nfailure_cooldown = 0\n",
     )
     assert cli.main(["config", "check", str(path)]) == 0
     assert "block a peer for 0 s (so never: the limiter is off)" in (
