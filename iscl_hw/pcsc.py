@@ -675,14 +675,15 @@ class PcscCard(Card):
         return self._link.protocol_number if self._link is not None else None
 
     def _open(self, wait: float) -> ApduCard:
-        if self._pin_refused is not None:
+        refused = self._pin_refused
+        if refused is not None:
             # The card counts wrong PINs: one a card refused is never sent
             # again on its own (a reopen after a removal, say).
             raise PinRefused(
-                f"{self._pin_refused}; iscl does not send it again: put the "
-                "right PIN in place, then restart",
-                self._pin_refused.sw1,
-                self._pin_refused.sw2,
+                f"card {self.name!r}: its PIN was refused before; iscl does not "
+                "send it again: put the right PIN in place, then restart",
+                refused.sw1,
+                refused.sw2,
             )
         link = open_reader(
             self._context,
@@ -799,7 +800,7 @@ class PcscCard(Card):
             if self._challenge_out:
                 raise
             self._context.reestablish()
-            return operation(self._session())
+            return operation(self._reopened())
         except CardRemoved:
             self._drop()
             if self._in_span:
@@ -824,7 +825,17 @@ class PcscCard(Card):
             self._drop()
             if self._challenge_out:
                 raise
-            return operation(self._session())
+            return operation(self._reopened())
+
+    def _reopened(self) -> ApduCard:
+        """The card opened again after :meth:`_drop`; within a span its
+        PC/SC transaction is begun again first, so that other programs stay
+        off the card until the span ends."""
+        card = self._session()
+        if self._in_span:
+            assert self._link is not None
+            self._link.begin_transaction()
+        return card
 
     # -- Card ------------------------------------------------------------------
 
@@ -851,12 +862,13 @@ class PcscCard(Card):
 
     def end_span(self) -> None:
         """End the span's transaction; never waits for a hung operation (the
-        transaction then ends when that returns)."""
+        span then ends when that returns, so that operation still counts
+        as in the span: it is not run again on a card opened anew)."""
+        self._now_or_later(self._end_span_now)
+
+    def _end_span_now(self) -> None:
         self._challenge_out = False
         self._in_span = False
-        self._now_or_later(self._end_transaction)
-
-    def _end_transaction(self) -> None:
         if self._link is not None:
             self._link.end_transaction()
 

@@ -1115,6 +1115,64 @@ def test_a_card_that_lost_its_pin_verification_is_verified_again(
         pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
 
 
+class _ForgetsBeforeChallenge:
+    """A card that answers 6982 to the next GET CHALLENGE once armed (as one
+    needing its PIN for GET CHALLENGE does after another program's SELECT)."""
+
+    def __init__(self, card: ProfiledCard) -> None:
+        self.card = card
+        self.armed = False
+        self.ATR = card.ATR
+
+    def reset(self) -> bytes:
+        return self.card.reset()
+
+    def transmit(self, command: bytes) -> bytes:
+        if self.armed and command[1] == INS_GET_CHALLENGE:
+            self.armed = False
+            return b"\x69\x82"
+        return self.card.transmit(command)
+
+
+def _blocked_while(action: Callable[[], object], seconds: float) -> bool:
+    """Whether another program's GET CHALLENGE on the server reader waits
+    (for a PC/SC transaction) at least ``seconds`` before ``action`` runs."""
+    answered = threading.Event()
+
+    def other_program() -> None:
+        with PcscContext() as context:
+            link = open_reader(context, ReaderSelector(name=SERVER_READER))
+            try:
+                link.transmit(bytes.fromhex("0084000008"))
+            finally:
+                link.close()
+        answered.set()
+
+    thread = threading.Thread(target=other_program)
+    thread.start()
+    blocked = not answered.wait(seconds)
+    action()
+    thread.join(10)
+    assert answered.is_set()
+    return blocked
+
+
+def test_a_span_reopened_after_6982_keeps_its_transaction(pcsc_env: PcscEnv) -> None:
+    _, plain = _pin_card({1: os.urandom(8)}, b"1234")
+    card = _ForgetsBeforeChallenge(plain)
+    pcsc_env.put(SERVER_SLOT, card)
+    pcsc = PcscCard(SERVER_READER, pin=lambda: b"1234", card_timeout=5)
+    try:
+        pcsc.begin_span()
+        card.armed = True
+        assert len(pcsc.get_challenge()) == 8  # selected, verified, run again
+        assert not card.armed
+        assert _blocked_while(pcsc.end_span, 0.5)
+    finally:
+        pcsc.close()
+        pcsc_env.put(SERVER_SLOT, profiled_card({1: bytes(8)}))
+
+
 def test_a_pin_the_card_refused_is_never_sent_again(pcsc_env: PcscEnv) -> None:
     """A card swapped for one with another PIN (or a PIN file changed): the
     reopen spends one try, and no later use sends the PIN again."""
