@@ -31,6 +31,7 @@ __all__ = [
     "INS_INTERNAL_AUTHENTICATE",
     "INS_SELECT",
     "INS_VERIFY",
+    "SW_NO_PIN",
     "SW_OK",
     "SW_SECURITY_STATUS",
     "ApduFormatError",
@@ -62,6 +63,8 @@ INS_GET_RESPONSE: Final = 0xC0
 
 SW_OK: Final = 0x9000
 SW_SECURITY_STATUS: Final = 0x6982
+# VERIFY without data answers this when the card has no such PIN.
+SW_NO_PIN: Final = 0x6A88
 
 # Commands whose data field may appear in a trace; any other data field
 # (VERIFY's PIN, anything that could carry a key) is shown as a length.

@@ -14,10 +14,11 @@ from types import TracebackType
 from typing import Final
 
 from iscl_hw import apdu
-from iscl_hw.apdu import CommandApdu, ResponseApdu
+from iscl_hw.apdu import SW_NO_PIN, CommandApdu, ResponseApdu
 from iscl_hw.constants import CHALLENGE_LENGTH, KEY_INDEXES, ErrorCode
 from iscl_hw.errors import (
     AuthenticationBlocked,
+    CardError,
     LocalProtocolError,
     PinRefused,
     StatusWordError,
@@ -227,11 +228,16 @@ class ApduCard(Card):
                 raise VerificationFailed(
                     f"card {self.name!r} has one PIN try left; iscl does not "
                     "spend the last one (verify the PIN with the card "
-                    "issuer's tool, or pass allow_last_pin_try)",
+                    "issuer's tool)",
                     exc.sw1,
                     exc.sw2,
                 ) from None
-        except StatusWordError:
+        except StatusWordError as exc:
+            if exc.sw == SW_NO_PIN:
+                raise CardError(
+                    f"card {self.name!r} has no PIN, but a PIN was given; it is "
+                    "not sent (remove the PIN source, or check the card)"
+                ) from None
             return
 
     def _exchange(self, command: CommandApdu, name: str) -> ResponseApdu:

@@ -402,7 +402,7 @@ def _pin_state(link: ApduLink, pin: PinSource | None) -> tuple[str, bool]:
     its last try is never spent: a wrong PIN file probed again and again
     must not block the card."""
     resp = link.exchange(apdu.gen_verify_status_apdu(), "VERIFY (tries left)")
-    if resp.sw == 0x6A88:
+    if resp.sw == apdu.SW_NO_PIN:
         if pin is None:
             return "PIN: none", True
         return "PIN: none on this card, so the PIN given was not sent", False

@@ -12,7 +12,9 @@ from iscl_hw.card import ISCL_AID, ApduCard
 from iscl_hw.crypto import des_ecb_encrypt
 from iscl_hw.errors import (
     AuthenticationBlocked,
+    CardError,
     KeyFileError,
+    PinRefused,
     StatusWordError,
     VerificationFailed,
 )
@@ -403,6 +405,20 @@ def test_apdu_card_keeps_the_last_pin_try() -> None:
     assert soft.state.pin is not None and soft.state.pin.remaining == 1
     ApduCard(soft, pin=PIN, allow_last_pin_try=True)
     assert soft.state.pin.remaining == 3
+
+
+def test_apdu_card_refusals_are_typed() -> None:
+    """A wrong PIN is PinRefused (and says the tries left); a PIN given for
+    a card without one is not sent at all."""
+    soft = SoftCard(new_card_state({1: KEY1}, pin=PIN, max_retries=3))
+    with pytest.raises(PinRefused, match=r"VERIFY refused the PIN, .* 2 tries left"):
+        ApduCard(soft, pin=b"0000")
+    with pytest.raises(PinRefused, match="1 try left"):
+        ApduCard(soft, pin=b"0000", allow_last_pin_try=True)
+
+    no_pin = SoftCard(new_card_state({1: KEY1}))
+    with pytest.raises(CardError, match="has no PIN, but a PIN was given"):
+        ApduCard(no_pin, pin=PIN)
 
 
 def test_transmit_is_thread_safe() -> None:
