@@ -56,6 +56,7 @@ from iscl_hw.softhsm import (
     CKR_OK,
     CKR_USER_ALREADY_LOGGED_IN,
     CKU_USER,
+    CkSessionInfo,
     Pkcs11CallError,
     functions,
 )
@@ -113,6 +114,8 @@ _LOGGED_OUT = (
     p11.SessionClosed,
     p11.SessionHandleInvalid,
 )
+# CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS (PKCS#11 v2.40 5.6.1).
+_USER_STATES: Final = frozenset({1, 3})
 _REMOVED = (
     p11.DeviceRemoved,
     p11.TokenNotPresent,
@@ -434,6 +437,15 @@ class Token:
         _close_quietly(session)
         raise TokenError(f"token {self.name!r}: {_login_refusal(rv)}")
 
+    def _logged_in(self, session: pkcs11.Session) -> bool:
+        """Whether ``session`` is in a user state (C_GetSessionInfo)."""
+        info = CkSessionInfo()
+        with self._calls:
+            rv = self._functions.call(
+                "C_GetSessionInfo", _handle(session), ctypes.byref(info)
+            )
+        return rv == CKR_OK and info.state in _USER_STATES
+
     def _logout(self, sessions: list[pkcs11.Session]) -> None:
         """End our login (every session's), through one still open."""
         if not self._own_login or not sessions:
@@ -510,6 +522,13 @@ class Token:
             with self._calls:
                 return operation(pooled)
         except p11.NoSuchKey:
+            if not self._logged_in(pooled.session):
+                # Private objects vanish with the login (a C_Logout
+                # elsewhere in this process): not a missing key.
+                self._reset()
+                raise TokenLoggedOut(
+                    f"token {self.name!r}: {what} failed, not logged in"
+                ) from None
             raise ConfigError(
                 f"token {self.name!r}: no key object for {what}"
             ) from None

@@ -393,9 +393,9 @@ def test_logout_mid_transfer_ends_the_connection_then_logs_in_again(
             await channel.send(b"before")
             assert await channel.recv() == b"before"
 
-            # What another part of the process does: close the session that
-            # logged in, which logs every session of the token out.
-            client_token._sessions[0].session.close()
+            # What another part of the process does: log the token out
+            # (C_Logout ends the login of every session of the process).
+            _log_out_behind_its_back(client_token)
             with pytest.raises(TokenLoggedOut, match="not logged in"):
                 await channel.send(b"during")
             await channel.abort()
@@ -413,6 +413,28 @@ def test_logout_mid_transfer_ends_the_connection_then_logs_in_again(
 
     with client_token:
         asyncio.run(scenario())
+
+
+def _log_out_behind_its_back(token: Token) -> None:
+    handle = token._sessions[0].session.handle  # type: ignore[attr-defined]
+    rv = softhsm.functions(token.config.module).call("C_Logout", handle)
+    assert rv == 0
+
+
+def test_a_lost_login_is_not_taken_for_a_missing_key(
+    hsm: HsmSession,  # noqa: F811
+) -> None:
+    """Private key objects vanish with the login: a session that has not
+    used a key yet then finds none.  That is TokenLoggedOut, and the next
+    operation logs in again, not a missing key for ever."""
+    t = hsm.token()
+    provisioned(t, {1: AUTH[1]}, {}).close()
+    with open_token(t) as token:  # no session holds a copy of a key yet
+        _log_out_behind_its_back(token)
+        block = os.urandom(8)
+        with pytest.raises(TokenLoggedOut, match="not logged in"):
+            token.ecb("iscl-auth-1", block)
+        assert token.ecb("iscl-auth-1", block) == crypto.des_ecb_encrypt(AUTH[1], block)
 
 
 def test_hundred_concurrent_handshakes_on_one_token(
