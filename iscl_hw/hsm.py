@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import hmac
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -427,14 +429,20 @@ class Token:
         session = token.open(rw=True)
         pin = self.config.pin
         rv = self._functions.call("C_Login", _handle(session), CKU_USER, pin, len(pin))
+        login = (self.config.module, bytes(token.serial))
         if rv == CKR_OK:
             self._own_login = True
+            _LOGINS.record(login, pin)
             return session
-        if rv == CKR_USER_ALREADY_LOGGED_IN:
+        if rv == CKR_USER_ALREADY_LOGGED_IN and _LOGINS.same_pin(login, pin):
             # Another Token object of this process logged in already; the
             # login is shared by every session of the process.
             return session
         _close_quietly(session)
+        if rv == CKR_USER_ALREADY_LOGGED_IN:
+            # The token checks no PIN once logged in: ours is checked
+            # against the one the login was made with.
+            rv = 0x0A0  # CKR_PIN_INCORRECT
         raise TokenError(f"token {self.name!r}: {_login_refusal(rv)}")
 
     def _logged_in(self, session: pkcs11.Session) -> bool:
@@ -451,6 +459,8 @@ class Token:
         if not self._own_login or not sessions:
             return
         self._own_login = False
+        if self._token is not None:
+            _LOGINS.forget((self.config.module, bytes(self._token.serial)))
         self._functions.call("C_Logout", _handle(sessions[0]))
 
     def _reset(self) -> None:
@@ -1018,6 +1028,39 @@ def _derive(base: _Key, way: DesWay, random: bytes) -> _Key:
     )
     assert isinstance(derived, pkcs11.SecretKey)
     return derived
+
+
+class _Logins:
+    """The PIN each token of this process was logged in with, as a keyed
+    digest (the key lives and dies with the process), so that a second
+    Token, which the module lets share that login without a PIN check, is
+    held to the same PIN."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._digests: dict[tuple[str, bytes], bytes] = {}
+
+    def _digest(self, pin: bytes) -> bytes:
+        return hmac.new(self._key, pin, "sha256").digest()
+
+    def record(self, login: tuple[str, bytes], pin: bytes) -> None:
+        with self._lock:
+            self._digests[login] = self._digest(pin)
+
+    def forget(self, login: tuple[str, bytes]) -> None:
+        with self._lock:
+            self._digests.pop(login, None)
+
+    def same_pin(self, login: tuple[str, bytes], pin: bytes) -> bool:
+        """False if the login was made with another PIN; True also when it
+        was made outside iscl (nothing to compare with)."""
+        with self._lock:
+            digest = self._digests.get(login)
+        return digest is None or hmac.compare_digest(digest, self._digest(pin))
+
+
+_LOGINS = _Logins()
 
 
 def _handle(session: pkcs11.Session) -> int:

@@ -775,6 +775,22 @@ def test_token_found_by_serial_and_login_shared(server_token: Token) -> None:
         )
 
 
+def test_a_shared_login_still_needs_the_right_pin(
+    hsm: HsmSession,  # noqa: F811
+) -> None:
+    """The module checks no PIN once the process is logged in: a second
+    Token with a wrong PIN must still be refused, and leave no session."""
+    t = hsm.token()
+    before = _open_session_handles(t.module)
+    with open_token(t):
+        wrong = TokenConfig(str(t.module), label=t.label, pin=b"not-the-pin")
+        with pytest.raises(TokenError, match="PIN was refused") as raised:
+            Token(wrong)
+        assert "not-the-pin" not in str(raised.value)
+        open_token(t).close()  # the right PIN shares the login
+    assert _open_session_handles(t.module) == before
+
+
 def test_a_full_pool_waits_a_bounded_time(hsm: HsmSession) -> None:  # noqa: F811
     import threading
 
