@@ -19,8 +19,8 @@ from typing import Final
 
 from iscl_hw import cli_pcsc
 from iscl_hw.cli_serve import add_serve_command
-from iscl_hw.errors import IsclError
-from iscl_hw.keyfile import parse_key_material, write_key_file
+from iscl_hw.errors import IsclError, KeyFileError
+from iscl_hw.keyfile import parse_key_material, read_private_file, write_key_file
 from softcard.cardfile import (
     CARD_PROFILES,
     DEFAULT_PROFILE,
@@ -136,15 +136,19 @@ def _indexes(keys: dict[int, bytes]) -> str:
 
 
 def _read_key_text(source: str) -> str:
+    """Key material from standard input, or from a file only its owner can
+    access (as the key files made from it)."""
     try:
         if source == "-":
             return _read_stdin()
-        return Path(source).read_text(encoding="utf-8")
+        return read_private_file(source).decode("utf-8")
     except OSError as exc:
         message = exc.strerror or type(exc).__name__
         raise _UsageError(
             f"cannot read key material from {source}: {message}"
         ) from None
+    except KeyFileError as exc:
+        raise _UsageError(f"key material: {exc}") from None
     except UnicodeDecodeError:
         raise _UsageError(f"key material in {source} is not UTF-8 text") from None
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from iscl_hw import cli_pcsc, softhsm
-from iscl_hw.errors import IsclError
+from iscl_hw.errors import IsclError, KeyFileError
+from iscl_hw.keyfile import read_private_file
 from iscl_hw.pcsc import PinSource
 
 __all__ = ["cmd_hsm_import_key", "cmd_hsm_init", "cmd_hsm_list", "register"]
@@ -214,8 +215,11 @@ def _token_options(
 
 
 def _read_key(path: str) -> bytes:
+    """A key from standard input, or from a file only its owner can access."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        text = sys.stdin.read() if path == "-" else read_private_file(path).decode()
+    except KeyFileError as exc:
+        raise _UsageError(f"key file: {exc}") from None
     except UnicodeDecodeError:
         raise _UsageError("the key must be 16 hex digits (8 bytes)") from None
     digits = "".join(text.split())

@@ -10,6 +10,7 @@ from iscl_hw.card import ISCL_AID, ApduCard
 from iscl_hw.errors import (
     AuthenticationBlocked,
     CardCommunicationError,
+    CardError,
     LocalProtocolError,
     StatusWordError,
     VerificationFailed,
@@ -296,7 +297,7 @@ def test_apdu_card_short_answer() -> None:
 
 @pytest.mark.parametrize(
     ("status", "verifies"),
-    [("63C3", True), ("63C2", True), ("6A88", True), ("9000", True), ("63C1", False)],
+    [("63C3", True), ("63C2", True), ("6700", True), ("9000", True), ("63C1", False)],
 )
 def test_the_last_pin_try_is_never_spent(status: str, verifies: bool) -> None:
     """VERIFY without data first: with one try left (63C1) the PIN is not
@@ -314,6 +315,13 @@ def test_the_last_pin_try_is_never_spent(status: str, verifies: bool) -> None:
             pin=b"4711",
             allow_last_pin_try=True,
         )
+
+
+def test_a_pin_is_not_sent_to_a_card_without_one() -> None:
+    transport = ScriptedTransport(["9000", "6A88"])
+    with pytest.raises(CardError, match="has no PIN, but a PIN was given"):
+        ApduCard(transport, pin=b"4711")
+    assert len(transport.sent) == 2  # SELECT and the status query only
 
 
 def test_a_blocked_pin_is_reported_before_a_try() -> None:

@@ -490,6 +490,10 @@ def test_import_key_and_list_commands(
     key_file = Path(str(tmp_path)) / "enc3.hex"
     key_file.write_text(ENC[3].hex() + "\n")
     token_args = ["--label", t.label, "--pin-env", "TEST_TOKEN_PIN"]
+    import_enc3 = ["hsm", "import-key", *token_args, "--kind", "enc", "--index", "3"]
+    assert cli.main([*import_enc3, "--key-file", str(key_file)]) == 2
+    assert "key file: " in capsys.readouterr().err  # readable by others: refused
+    key_file.chmod(0o600)
 
     assert (
         cli.main(

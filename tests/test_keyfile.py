@@ -219,7 +219,13 @@ def test_card_init_from_files(
     card, keys = tmp_path / "card.json", tmp_path / "keys.json"
     argv = ["card", "init", str(card), "--key-file", str(keys)]
     argv += ["--keys-from", str(material), "--pin-file", str(pin_file)]
-    pin_file.chmod(0o644)  # a PIN file others can read is refused, as a key file
+    # Key material or a PIN file others can read is refused, as a key file.
+    material.chmod(0o644)
+    pin_file.chmod(0o600)
+    assert run_cli(argv) == 2
+    assert "key material: " in capsys.readouterr().err
+    material.chmod(0o600)
+    pin_file.chmod(0o644)
     assert run_cli(argv) == 2
     assert "PIN file: " in capsys.readouterr().err
     assert not card.exists()
