@@ -131,6 +131,12 @@ def _check_private(path: Path, info: os.stat_result) -> None:
             f"{path} is accessible by group or other (mode {mode:04o}); "
             f"run 'chmod 600 {path}'"
         )
+    if info.st_uid not in (os.geteuid(), 0):
+        # Its owner could put keys or a PIN of their choosing in it.
+        raise KeyFileError(
+            f"{path} belongs to another user (uid {info.st_uid}), not to this "
+            f"one (uid {os.geteuid()}) or root"
+        )
 
 
 class KeyStore:

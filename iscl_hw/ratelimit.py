@@ -39,10 +39,11 @@ class FailureLimiter:
         self._lock = threading.Lock()
         self._failures: dict[str, collections.deque[float]] = {}
         self._blocked_until: dict[str, float] = {}
-        if cooldown <= 0:
+        if cooldown < 1:
             log.warning(
-                "failure cool-down is 0 s: a peer that keeps failing "
-                "authentication is never refused"
+                "failure cool-down is %g s: a peer that keeps failing "
+                "authentication is refused for under a second, if at all",
+                cooldown,
             )
 
     def blocked(self, peer: str) -> bool:

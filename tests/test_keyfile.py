@@ -123,6 +123,21 @@ def test_private_file_under_permissive_umask(tmp_path: Path) -> None:
     assert read_private_file(path) == b"data"
 
 
+def test_a_private_file_of_another_user_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its owner could put a PIN or keys of their choosing in it."""
+    path = tmp_path / "card.pin"
+    write_private_file(path, b"1234\n", overwrite=False)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)  # nobody
+    else:
+        real = os.geteuid()
+        monkeypatch.setattr(os, "geteuid", lambda: real + 1)
+    with pytest.raises(KeyFileError, match="belongs to another user"):
+        read_private_file(path)
+
+
 def test_read_private_file_errors(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="does not exist"):
         read_private_file(tmp_path / "missing")
