@@ -157,9 +157,15 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
             raise _UsageError(f"PKCS#11 module {module}: no such file")
         so_pin = _new_pin(args.so_pin_env, args.so_pin_file, "SO PIN")
         user_pin = _new_pin(args.pin_env, args.pin_file, "user PIN")
+        made = not (Path(args.dir) / softhsm.CONF_NAME).exists()
         conf = softhsm.write_config(args.dir)
-        softhsm.use_config(conf)
-        softhsm.init_token(module, args.label, so_pin, user_pin)
+        try:
+            softhsm.use_config(conf)
+            softhsm.init_token(module, args.label, so_pin, user_pin)
+        except BaseException:
+            if made:  # leave no half-made token directory behind
+                _remove_if_empty(conf.parent / softhsm.TOKENS_DIR, conf)
+            raise
     except (IsclError, OSError) as exc:
         return _fail("init", str(exc))
     print(f"initialised token {args.label!r} in {conf.parent / softhsm.TOKENS_DIR}")
@@ -168,6 +174,16 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     print("to use it, export:")
     print(f"  export {softhsm.CONF_ENV}={shlex.quote(str(conf))}")
     return EXIT_OK
+
+
+def _remove_if_empty(tokens: Path, conf: Path) -> None:
+    """Remove a configuration this run wrote, and its token directory while
+    it holds no token."""
+    try:
+        tokens.rmdir()  # fails if a token is in it
+    except OSError:
+        return
+    conf.unlink(missing_ok=True)
 
 
 def _open_token(args: argparse.Namespace) -> Any:

@@ -82,10 +82,11 @@ def pin_from_env(variable: str) -> PinSource:
     """A PIN source reading ``$variable`` each time it is asked."""
 
     def read() -> bytes:
-        value = os.environ.get(variable)
+        # The bytes as given: a PIN that is not UTF-8 must not crash here.
+        value = os.environb.get(os.fsencode(variable))
         if not value:
             raise _UsageError(f"environment variable {variable} is unset or empty")
-        return value.encode()
+        return value
 
     return read
 

@@ -248,3 +248,23 @@ def test_structures_match_the_module(hsm: HsmSession) -> None:
     ulong = ctypes.sizeof(ctypes.c_ulong)
     size = 96 + 11 * ulong + 4 + 16  # text fields, CK_ULONGs, versions, utcTime
     assert ctypes.sizeof(softhsm.CkTokenInfo) == -(-size // ulong) * ulong
+
+
+def test_cli_init_that_fails_leaves_no_configuration(tmp_path: Path) -> None:
+    """A user PIN the token refuses (too short) or that is not UTF-8 (from
+    the environment, as bytes): a clean error, and no half-made directory."""
+    base = {k: v for k, v in os.environ.items() if k != softhsm.CONF_ENV}
+    for user_pin, error in (
+        (b"1", "the user PIN must have"),
+        (b"\xff\xfe1234", "the user PIN must be UTF-8 text"),
+    ):
+        directory = tmp_path / "hsm"
+        env: dict[str | bytes, str | bytes] = {**base, "SO": "so-pin-13579"}
+        env[b"USER_PIN"] = user_pin
+        argv = ["-m", "iscl_hw", "hsm", "init", "--label", "t", "--dir", str(directory)]
+        argv += ["--so-pin-env", "SO", "--pin-env", "USER_PIN"]
+        done = _run(*argv, env=env)  # type: ignore[arg-type]
+        assert done.returncode == 2, done.stderr
+        assert error in done.stderr and "Traceback" not in done.stderr
+        assert not (directory / "softhsm2.conf").exists()
+        assert not (directory / "tokens").exists()
