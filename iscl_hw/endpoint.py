@@ -144,8 +144,8 @@ class Endpoint:
             return error
         if conn.role is Role.SERVER:
             return PeerNeverSpoke(f"peer sent no ISCL frame: {error}")
-        if isinstance(error, PeerTimeout):
-            return error
+        if isinstance(error, PeerTimeout) or conn.not_iscl_hint():
+            return error  # it says what the other end is already
         return ConnectionLost(
             f"{error}; the server closed before line connection (at its "
             "connection limit, or refusing this address after failed handshakes?)"

@@ -241,6 +241,8 @@ _FOREIGN_STARTS = (
     (b"POST ", "an HTTP request"),
     (b"HEAD ", "an HTTP request"),
     (b"SSH-", "an SSH greeting"),
+    (b"220 ", "an SMTP or FTP greeting"),
+    (b"220-", "an SMTP or FTP greeting"),
 )
 
 

@@ -361,3 +361,18 @@ def test_a_short_foreign_greeting_is_named_when_it_times_out() -> None:
     assert isinstance(errors[0], PeerTimeout)
     assert "did not finish its message in time" in str(errors[0])
     assert str(errors[0]).endswith("; not ISCL: the peer sent an SSH greeting")
+
+
+def test_a_client_names_a_foreign_server_without_guessing_why_it_closed() -> None:
+    cards, keys = make_cards(), make_keys()
+
+    def smtp(conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b"220 mx ESMTP\r\n")
+
+    with blocking_server(smtp) as port:
+        with pytest.raises(IsclError) as raised:
+            sync.connect("127.0.0.1", port, card=cards.client, keys=keys)
+    message = str(raised.value)
+    assert "not ISCL: the peer sent an SMTP or FTP greeting" in message
+    assert "connection limit" not in message

@@ -187,7 +187,11 @@ def test_a_first_frame_of_another_protocol_is_named(start: bytes, named: str) ->
 
 @pytest.mark.parametrize(
     ("start", "named"),
-    [(b"SSH-2.0-x\r\n", "SSH greeting"), (b"GET / HTTP/1.0\r\n\r\n", "HTTP request")],
+    [
+        (b"SSH-2.0-x\r\n", "SSH greeting"),
+        (b"GET / HTTP/1.0\r\n\r\n", "HTTP request"),
+        (b"220 mx ESMTP\r\n", "SMTP or FTP greeting"),
+    ],
 )
 def test_a_greeting_shorter_than_a_header_is_named(start: bytes, named: str) -> None:
     decoder = FrameDecoder(ByteOrder.BIG, BLOCK)
