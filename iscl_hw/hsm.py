@@ -356,8 +356,8 @@ class Token:
         self.name = config.label or config.serial or "token"
         self._lib, self._calls = _load(config.module)
         self._functions = functions(config.module)
-        # True while the login is ours to end (not another Token's).
-        self._own_login = False
+        # The token's login while it is ours to end (not another Token's).
+        self._own_login: tuple[str, bytes] | None = None
         self._state = threading.Condition()
         self._sessions: list[_Session] = []
         self._generation = 0
@@ -431,7 +431,7 @@ class Token:
         rv = self._functions.call("C_Login", _handle(session), CKU_USER, pin, len(pin))
         login = (self.config.module, bytes(token.serial))
         if rv == CKR_OK:
-            self._own_login = True
+            self._own_login = login
             _LOGINS.record(login, pin)
             return session
         if rv == CKR_USER_ALREADY_LOGGED_IN and _LOGINS.same_pin(login, pin):
@@ -456,12 +456,12 @@ class Token:
 
     def _logout(self, sessions: list[pkcs11.Session]) -> None:
         """End our login (every session's), through one still open."""
-        if not self._own_login or not sessions:
+        login, self._own_login = self._own_login, None
+        if login is None:
             return
-        self._own_login = False
-        if self._token is not None:
-            _LOGINS.forget((self.config.module, bytes(self._token.serial)))
-        self._functions.call("C_Logout", _handle(sessions[0]))
+        _LOGINS.forget(login)
+        if sessions:  # with none open, the login has ended already
+            self._functions.call("C_Logout", _handle(sessions[0]))
 
     def _reset(self) -> None:
         """Forget the pool after a lost login or token; reopen at next use."""
