@@ -57,6 +57,7 @@ from iscl_hw.errors import (
 from iscl_hw.softhsm import (
     CKR_OK,
     CKR_USER_ALREADY_LOGGED_IN,
+    CKR_USER_NOT_LOGGED_IN,
     CKU_USER,
     CkSessionInfo,
     Pkcs11CallError,
@@ -445,6 +446,12 @@ class Token:
             rv = 0x0A0  # CKR_PIN_INCORRECT
         raise TokenError(f"token {self.name!r}: {_login_refusal(rv)}")
 
+    def _require_login(self, pooled: _Session) -> None:
+        """Raise (as the token would) when the login is gone: private key
+        objects are then simply not found."""
+        if not self._logged_in(pooled.session):
+            raise p11.UserNotLoggedIn()
+
     def _logged_in(self, session: pkcs11.Session) -> bool:
         """Whether ``session`` is in a user state (C_GetSessionInfo)."""
         info = CkSessionInfo()
@@ -459,9 +466,14 @@ class Token:
         login, self._own_login = self._own_login, None
         if login is None:
             return
-        _LOGINS.forget(login)
-        if sessions:  # with none open, the login has ended already
-            self._functions.call("C_Logout", _handle(sessions[0]))
+        for session in sessions:
+            rv = self._functions.call("C_Logout", _handle(session))
+            if rv in (CKR_OK, CKR_USER_NOT_LOGGED_IN):
+                _LOGINS.forget(login)
+                return
+        # No session of ours could end it (all closed or invalid): another
+        # Token's sessions may keep it alive, so its PIN stays on record.
+        log.info("token %r: could not log out through our sessions", self.name)
 
     def _reset(self) -> None:
         """Forget the pool after a lost login or token; reopen at next use."""
@@ -652,6 +664,7 @@ class Token:
         3 bytes of DES-ECB of zeros, computed in the token)."""
 
         def collect(pooled: _Session) -> list[KeyInfo]:
+            self._require_login(pooled)  # else private objects are not listed
             found = []
             query = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True}
             # The search must end before the KCV encryptions start.
@@ -706,6 +719,9 @@ class Token:
 
     def has_key(self, label: str) -> bool:
         def find(pooled: _Session) -> bool:
+            # Not found, or found among this session's copies, says nothing
+            # about a login that has gone.
+            self._require_login(pooled)
             try:
                 pooled.key(label)
             except p11.NoSuchKey:

@@ -435,6 +435,15 @@ def test_a_lost_login_is_not_taken_for_a_missing_key(
         with pytest.raises(TokenLoggedOut, match="not logged in"):
             token.ecb("iscl-auth-1", block)
         assert token.ecb("iscl-auth-1", block) == crypto.des_ecb_encrypt(AUTH[1], block)
+        # Looking a key up, or listing them, is no different.
+        _log_out_behind_its_back(token)
+        with pytest.raises(TokenLoggedOut, match="not logged in"):
+            token.has_key("iscl-auth-1")
+        assert token.has_key("iscl-auth-1")
+        _log_out_behind_its_back(token)
+        with pytest.raises(TokenLoggedOut, match="not logged in"):
+            token.list_keys()
+        assert [key.label for key in token.list_keys()] == ["iscl-auth-1"]
 
 
 def test_hundred_concurrent_handshakes_on_one_token(
@@ -793,6 +802,31 @@ def test_a_shared_login_still_needs_the_right_pin(
         assert "not-the-pin" not in str(raised.value)
         open_token(t).close()  # the right PIN shares the login
     assert _open_session_handles(t.module) == before
+
+
+# python-pkcs11 finalises the key search that met the closed session in a
+# __del__, which raises SessionHandleInvalid again ("Exception ignored").
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_logout_that_fails_on_one_session_still_ends_the_login(
+    hsm: HsmSession,  # noqa: F811
+) -> None:
+    """A's first session goes invalid (an HSM expiring sessions); its reset
+    must still end its login through another session, or a third Token
+    with any PIN would share the login B keeps alive."""
+    t = hsm.token()
+    provisioned(t, {1: AUTH[1]}, {}).close()
+    first, second = open_token(t), open_token(t)
+    try:
+        handle = first._sessions[0].session.handle  # type: ignore[attr-defined]
+        assert softhsm.functions(t.module).call("C_CloseSession", handle) == 0
+        with pytest.raises(TokenLoggedOut):
+            first.ecb("iscl-auth-1", bytes(8))
+        wrong = TokenConfig(str(t.module), label=t.label, pin=b"not-the-pin")
+        with pytest.raises(TokenError, match="PIN was refused"):
+            Token(wrong)
+    finally:
+        second.close()
+        first.close()
 
 
 def test_a_full_pool_waits_a_bounded_time(hsm: HsmSession) -> None:  # noqa: F811
