@@ -23,6 +23,7 @@ from typing import Final
 
 from iscl_hw.constants import UNIQUE_SESSION_KEYS, EncryptionMethod, MacMethod
 from iscl_hw.errors import IsclError
+from iscl_hw.keyfile import private_file_problem
 from iscl_hw.settings import Settings
 from iscl_hw.siteconfig import (
     Problem,
@@ -114,15 +115,8 @@ def check_files(config: SiteConfig) -> list[Problem]:
             continue
         if not stat.S_ISREG(info.st_mode):
             found.append(config.problem(field, f"{path} is not a regular file"))
-        elif private and stat.S_IMODE(info.st_mode) & 0o077:
-            mode = stat.S_IMODE(info.st_mode)
-            found.append(
-                config.problem(
-                    field,
-                    f"{path} is accessible by group or other (mode {mode:04o}); "
-                    f"run 'chmod 600 {path}'",
-                )
-            )
+        elif private and (problem := private_file_problem(path, info)) is not None:
+            found.append(config.problem(field, problem))
     for field, log_file in _log_files(config):
         problem = _log_file_problem(log_file)
         if problem is not None:
@@ -189,7 +183,13 @@ def summary(config: SiteConfig) -> list[str]:
         f"handshakes per peer, stop grace {limits.stop_grace:g} s; "
         f"{limits.max_failures} failures in {limits.failure_window:g} s block a "
         f"peer for {limits.failure_cooldown:g} s"
-        + (" (so never: the limiter is off)" if not limits.failure_cooldown else "")
+        + (
+            " (so never: the limiter is off)"
+            if not limits.failure_cooldown
+            else " (under a second: in effect no limit)"
+            if limits.failure_cooldown < 1
+            else ""
+        )
     )
     lines.append(
         f"timeouts  handshake {_seconds(timeouts.handshake)}, peer answer "

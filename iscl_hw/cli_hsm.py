@@ -157,14 +157,16 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
             raise _UsageError(f"PKCS#11 module {module}: no such file")
         so_pin = _new_pin(args.so_pin_env, args.so_pin_file, "SO PIN")
         user_pin = _new_pin(args.pin_env, args.pin_file, "user PIN")
-        made = not (Path(args.dir) / softhsm.CONF_NAME).exists()
-        conf = softhsm.write_config(args.dir)
+        directory = Path(args.dir).absolute()
+        tokens, conf = directory / softhsm.TOKENS_DIR, directory / softhsm.CONF_NAME
+        # Whatever of these this run makes, a failure removes again.
+        made = [path for path in (conf, tokens, directory) if not path.exists()]
+        softhsm.write_config(directory)
         try:
             softhsm.use_config(conf)
             softhsm.init_token(module, args.label, so_pin, user_pin)
         except BaseException:
-            if made:  # leave no half-made token directory behind
-                _remove_if_empty(conf.parent / softhsm.TOKENS_DIR, conf)
+            _remove_made(made)
             raise
     except (IsclError, OSError) as exc:
         return _fail("init", str(exc))
@@ -176,14 +178,18 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _remove_if_empty(tokens: Path, conf: Path) -> None:
-    """Remove a configuration this run wrote, and its token directory while
-    it holds no token."""
-    try:
-        tokens.rmdir()  # fails if a token is in it
-    except OSError:
-        return
-    conf.unlink(missing_ok=True)
+def _remove_made(paths: list[Path]) -> None:
+    """Remove the configuration file and the (empty) directories an
+    ``hsm init`` that failed made, in that order; a directory that holds
+    anything (a token) stays, and so does what is above it."""
+    for path in paths:
+        try:
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            return
 
 
 def _open_token(args: argparse.Namespace) -> Any:

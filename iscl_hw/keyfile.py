@@ -33,6 +33,7 @@ __all__ = [
     "parse_index_field",
     "parse_key_field",
     "parse_key_material",
+    "private_file_problem",
     "read_private_file",
     "write_key_file",
     "write_private_file",
@@ -125,18 +126,29 @@ def read_private_file(path: str | os.PathLike[str]) -> bytes:
 def _check_private(path: Path, info: os.stat_result) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise KeyFileError(f"{path} is not a regular file")
+    problem = private_file_problem(path, info)
+    if problem is not None:
+        raise KeyFileError(problem)
+
+
+def private_file_problem(
+    path: str | os.PathLike[str], info: os.stat_result
+) -> str | None:
+    """Why a regular file ``info`` describes may not hold keys or a PIN: one
+    group or other can access, or another user's (root's excepted), whose
+    owner could put keys or a PIN of their choosing in it."""
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
-        raise KeyFileError(
-            f"{path} is accessible by group or other (mode {mode:04o}); "
-            f"run 'chmod 600 {path}'"
+        return (
+            f"{path} is accessible by group or other (mode {mode:04o}); make it "
+            f"the file of the user iscl runs as, with 'chmod 600 {path}'"
         )
     if info.st_uid not in (os.geteuid(), 0):
-        # Its owner could put keys or a PIN of their choosing in it.
-        raise KeyFileError(
+        return (
             f"{path} belongs to another user (uid {info.st_uid}), not to this "
             f"one (uid {os.geteuid()}) or root"
         )
+    return None
 
 
 class KeyStore:

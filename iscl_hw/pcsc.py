@@ -874,7 +874,9 @@ class PcscCard(Card):
 
     def get_challenge(self) -> bytes:
         challenge = self._run(lambda card: card.get_challenge())
-        self._challenge_out = True
+        # Only a span's challenge is worth keeping: outside one (a probe)
+        # nothing stops another program from taking the card's next one.
+        self._challenge_out = self._in_span
         return challenge
 
     def internal_authenticate(self, key_ref: int, challenge: bytes) -> bytes:

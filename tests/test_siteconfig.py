@@ -930,7 +930,8 @@ def test_config_check_names_missing_and_unsafe_files(
         f"{softcard_files / 'missing.card'} does not exist",
         f"iscl config check: {path}:7: card.key_file: "
         f"{softcard_files / 'server.keys'} is accessible by group or other "
-        f"(mode 0644); run 'chmod 600 {softcard_files / 'server.keys'}'",
+        f"(mode 0644); make it the file of the user iscl runs as, with "
+        f"'chmod 600 {softcard_files / 'server.keys'}'",
         f"iscl config check: {path}:9: logging.file: {softcard_files} is not a "
         "regular file",
         f"iscl config check: {path}:10: logging.audit_file: directory "

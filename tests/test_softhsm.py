@@ -268,3 +268,19 @@ def test_cli_init_that_fails_leaves_no_configuration(tmp_path: Path) -> None:
         assert error in done.stderr and "Traceback" not in done.stderr
         assert not (directory / "softhsm2.conf").exists()
         assert not (directory / "tokens").exists()
+
+
+def test_cli_init_that_fails_removes_only_what_it_made(tmp_path: Path) -> None:
+    """An empty tokens/ that was there before stays; a --dir the run made
+    goes with its configuration."""
+    base = {k: v for k, v in os.environ.items() if k != softhsm.CONF_ENV}
+    env = {**base, "SO": "so-pin-13579", "USER_PIN": "1"}  # too short
+    kept = tmp_path / "kept"
+    (kept / "tokens").mkdir(parents=True)
+    for directory in (kept, tmp_path / "new" / "hsm"):
+        argv = ["-m", "iscl_hw", "hsm", "init", "--label", "t", "--dir", str(directory)]
+        argv += ["--so-pin-env", "SO", "--pin-env", "USER_PIN"]
+        done = _run(*argv, env=env)
+        assert done.returncode == 2 and "the user PIN must have" in done.stderr
+    assert sorted(p.name for p in kept.iterdir()) == ["tokens"]
+    assert not (tmp_path / "new" / "hsm").exists()
