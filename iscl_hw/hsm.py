@@ -33,6 +33,7 @@ import ctypes
 import enum
 import hmac
 import logging
+import os
 import secrets
 import threading
 import time
@@ -357,6 +358,8 @@ class Token:
         self.name = config.label or config.serial or "token"
         self._lib, self._calls = _load(config.module)
         self._functions = functions(config.module)
+        # Logins are told apart by the module's file, however it is named.
+        self._module = os.path.realpath(config.module)
         # The token's login while it is ours to end (not another Token's).
         self._own_login: tuple[str, bytes] | None = None
         self._state = threading.Condition()
@@ -430,7 +433,7 @@ class Token:
         session = token.open(rw=True)
         pin = self.config.pin
         rv = self._functions.call("C_Login", _handle(session), CKU_USER, pin, len(pin))
-        login = (self.config.module, bytes(token.serial))
+        login = (self._module, bytes(token.serial))
         if rv == CKR_OK:
             self._own_login = login
             _LOGINS.record(login, pin)
@@ -984,11 +987,23 @@ def _load(module: str) -> tuple[Any, threading.RLock]:
         if loaded is None:
             try:
                 loaded = _LIBS[module] = (pkcs11.lib(module), threading.RLock())
-            except (RuntimeError, OSError) as exc:
+            except (RuntimeError, OSError, p11.PKCS11Error) as exc:
                 raise ConfigError(
                     f"cannot load PKCS#11 module {module}: {exc}"
+                    + _other_name_hint(module)
                 ) from None
         return loaded
+
+
+def _other_name_hint(module: str) -> str:
+    """A hint when ``module`` is a file this process loaded under another
+    name (python-pkcs11 initialises it once per name, and the second
+    initialisation fails)."""
+    real = os.path.realpath(module)
+    for name in _LIBS:
+        if name != module and os.path.realpath(name) == real:
+            return f"; this process loaded it as {name}: use that name"
+    return ""
 
 
 def _mechanism_name(mechanism: Mechanism) -> str:

@@ -790,6 +790,7 @@ def test_token_found_by_serial_and_login_shared(server_token: Token) -> None:
 
 def test_a_shared_login_still_needs_the_right_pin(
     hsm: HsmSession,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """The module checks no PIN once the process is logged in: a second
     Token with a wrong PIN must still be refused, and leave no session."""
@@ -801,6 +802,11 @@ def test_a_shared_login_still_needs_the_right_pin(
             Token(wrong)
         assert "not-the-pin" not in str(raised.value)
         open_token(t).close()  # the right PIN shares the login
+        # The same module under another name is named, not loaded twice.
+        other_name = tmp_path / "module.so"
+        other_name.symlink_to(t.module)
+        with pytest.raises(ConfigError, match="this process loaded it as"):
+            Token(TokenConfig(str(other_name), label=t.label, pin=b"not-the-pin"))
     assert _open_session_handles(t.module) == before
 
 
