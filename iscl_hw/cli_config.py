@@ -101,7 +101,7 @@ def load_for_args(args: argparse.Namespace) -> SiteConfig | None:
 
 def check_files(config: SiteConfig) -> list[Problem]:
     """Problems with the files the site file names: missing, not regular
-    files, or (card and key files) readable by group or other."""
+    files, or (card, key and PIN files) not private to this user."""
     found = []
     for field, path, private in config.backend.files():
         try:

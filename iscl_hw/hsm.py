@@ -29,6 +29,7 @@ published answers.  No token offers a DES CBC-MAC mechanism we can rely on
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import hmac
@@ -545,15 +546,15 @@ class Token:
         pooled = self._acquire(pinned)
         try:
             with self._calls:
-                return operation(pooled)
+                try:
+                    return operation(pooled)
+                except p11.NoSuchKey:
+                    # Private objects vanish with the login (a C_Logout
+                    # elsewhere in this process): asked before the lock lets
+                    # another Token log in again.
+                    self._require_login(pooled)
+                    raise
         except p11.NoSuchKey:
-            if not self._logged_in(pooled.session):
-                # Private objects vanish with the login (a C_Logout
-                # elsewhere in this process): not a missing key.
-                self._reset()
-                raise TokenLoggedOut(
-                    f"token {self.name!r}: {what} failed, not logged in"
-                ) from None
             raise ConfigError(
                 f"token {self.name!r}: no key object for {what}"
             ) from None
@@ -989,21 +990,21 @@ def _load(module: str) -> tuple[Any, threading.RLock]:
                 loaded = _LIBS[module] = (pkcs11.lib(module), threading.RLock())
             except (RuntimeError, OSError, p11.PKCS11Error) as exc:
                 raise ConfigError(
-                    f"cannot load PKCS#11 module {module}: {exc}"
-                    + _other_name_hint(module)
+                    f"cannot load PKCS#11 module {module}: "
+                    + (_loaded_as(module) or str(exc))
                 ) from None
         return loaded
 
 
-def _other_name_hint(module: str) -> str:
-    """A hint when ``module`` is a file this process loaded under another
-    name (python-pkcs11 initialises it once per name, and the second
-    initialisation fails)."""
-    real = os.path.realpath(module)
+def _loaded_as(module: str) -> str | None:
+    """Why ``module`` cannot load when this process loaded its file under
+    another name (a link, "//usr"): python-pkcs11 initialises a module once
+    per name, and the second initialisation fails."""
     for name in _LIBS:
-        if name != module and os.path.realpath(name) == real:
-            return f"; this process loaded it as {name}: use that name"
-    return ""
+        with contextlib.suppress(OSError):
+            if name != module and os.path.samefile(name, module):
+                return f"this process loaded that file as {name}: use that name"
+    return None
 
 
 def _mechanism_name(mechanism: Mechanism) -> str:

@@ -299,7 +299,7 @@ class SoftcardBackend:
         found = [("card.card_file", self.card_file, True)]
         found.append(("card.key_file", self.key_file, True))
         if self.pin.file is not None:
-            found.append(("card.pin_file", self.pin.file, False))
+            found.append(("card.pin_file", self.pin.file, True))
         return found
 
 
@@ -344,7 +344,7 @@ class PcscBackend:
     def files(self) -> list[tuple[str, Path, bool]]:
         found = [("card.key_file", self.key_file, True)]
         if self.pin.file is not None:
-            found.append(("card.pin_file", self.pin.file, False))
+            found.append(("card.pin_file", self.pin.file, True))
         return found
 
 
@@ -381,7 +381,7 @@ class Pkcs11Backend:
         if self.module is not None:
             found.append(("card.module", self.module, False))
         if self.pin.file is not None:
-            found.append(("card.pin_file", self.pin.file, False))
+            found.append(("card.pin_file", self.pin.file, True))
         return found
 
 

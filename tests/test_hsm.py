@@ -805,7 +805,7 @@ def test_a_shared_login_still_needs_the_right_pin(
         # The same module under another name is named, not loaded twice.
         other_name = tmp_path / "module.so"
         other_name.symlink_to(t.module)
-        with pytest.raises(ConfigError, match="this process loaded it as"):
+        with pytest.raises(ConfigError, match="this process loaded that file as"):
             Token(TokenConfig(str(other_name), label=t.label, pin=b"not-the-pin"))
     assert _open_session_handles(t.module) == before
 

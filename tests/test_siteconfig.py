@@ -1125,3 +1125,16 @@ def test_a_zero_failure_cooldown_is_shown_as_the_limiter_off(
     assert "a peer that keeps failing authentication is refused for under a second" in (
         caplog.text
     )
+
+
+def test_config_check_holds_pin_files_to_the_private_file_rule(
+    tmp_path: Path, softcard_files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pin = softcard_files / "card.pin"
+    pin.write_text("2468\n")
+    pin.chmod(0o644)
+    path = write(tmp_path, SERVER_CARD_BASE + 'pin_file = "cards/card.pin"\n')
+    assert cli.main(["config", "check", str(path)]) == 2
+    assert "card.pin_file: " in capsys.readouterr().err
+    pin.chmod(0o600)
+    assert cli.main(["config", "check", str(path)]) == 0
