@@ -13,6 +13,7 @@ standard error on failure.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -158,11 +159,9 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
         so_pin = _new_pin(args.so_pin_env, args.so_pin_file, "SO PIN")
         user_pin = _new_pin(args.pin_env, args.pin_file, "user PIN")
         directory = Path(args.dir).absolute()
-        tokens, conf = directory / softhsm.TOKENS_DIR, directory / softhsm.CONF_NAME
-        # Whatever of these this run makes, a failure removes again.
-        made = [path for path in (conf, tokens, directory) if not path.exists()]
-        softhsm.write_config(directory)
+        made = _not_there_yet(directory)
         try:
+            conf = softhsm.write_config(directory)
             softhsm.use_config(conf)
             softhsm.init_token(module, args.label, so_pin, user_pin)
         except BaseException:
@@ -176,6 +175,15 @@ def cmd_hsm_init(args: argparse.Namespace) -> int:
     print("to use it, export:")
     print(f"  export {softhsm.CONF_ENV}={shlex.quote(str(conf))}")
     return EXIT_OK
+
+
+def _not_there_yet(directory: Path) -> list[Path]:
+    """What ``hsm init`` in ``directory`` may make, that is not there now
+    (a dangling link counts as there): the configuration, the token
+    directory, then ``directory`` and its missing parents, deepest first."""
+    paths = [directory / softhsm.CONF_NAME, directory / softhsm.TOKENS_DIR]
+    paths += [directory, *directory.parents]
+    return [path for path in paths if not os.path.lexists(path)]
 
 
 def _remove_made(paths: list[Path]) -> None:

@@ -229,12 +229,13 @@ def write_config(directory: Path) -> Path:
         if found is None or Path(found) != tokens:
             raise ConfigError(f"{conf} exists and names another token directory")
         return conf
-    conf.write_text(
-        f"directories.tokendir = {tokens}\n"
-        "objectstore.backend = file\n"
-        "log.level = ERROR\n",
-        encoding="utf-8",
-    )
+    # "x": never through a link left dangling in the configuration's place.
+    with conf.open("x", encoding="utf-8") as handle:
+        handle.write(
+            f"directories.tokendir = {tokens}\n"
+            "objectstore.backend = file\n"
+            "log.level = ERROR\n"
+        )
     return conf
 
 

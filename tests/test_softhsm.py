@@ -277,10 +277,16 @@ def test_cli_init_that_fails_removes_only_what_it_made(tmp_path: Path) -> None:
     env = {**base, "SO": "so-pin-13579", "USER_PIN": "1"}  # too short
     kept = tmp_path / "kept"
     (kept / "tokens").mkdir(parents=True)
-    for directory in (kept, tmp_path / "new" / "hsm"):
+    linked = tmp_path / "linked"  # a link left dangling where the conf goes
+    linked.mkdir()
+    (linked / "softhsm2.conf").symlink_to(tmp_path / "victim.conf")
+    for directory in (kept, tmp_path / "new" / "a" / "hsm", linked):
         argv = ["-m", "iscl_hw", "hsm", "init", "--label", "t", "--dir", str(directory)]
         argv += ["--so-pin-env", "SO", "--pin-env", "USER_PIN"]
         done = _run(*argv, env=env)
-        assert done.returncode == 2 and "the user PIN must have" in done.stderr
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
     assert sorted(p.name for p in kept.iterdir()) == ["tokens"]
-    assert not (tmp_path / "new" / "hsm").exists()
+    assert not (tmp_path / "new").exists()
+    assert (linked / "softhsm2.conf").is_symlink()
+    assert not (tmp_path / "victim.conf").exists()
