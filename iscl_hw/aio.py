@@ -681,15 +681,13 @@ async def start_server(
             audit_authentication(
                 channel.peer_address,
                 channel.connection.auth_key_index,
-                False,
-                str(exc),
+                exc,
                 role="server",
-                our_card=isinstance(exc, CardError),
             )
             return False
         limiter.success(peer)
         audit_authentication(
-            channel.peer_address, channel.connection.auth_key_index, True, role="server"
+            channel.peer_address, channel.connection.auth_key_index, role="server"
         )
         return True
 

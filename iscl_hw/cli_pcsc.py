@@ -49,6 +49,7 @@ from iscl_hw.pcsc import (
     list_readers,
     open_reader,
 )
+from iscl_hw.siteconfig import seconds_in_range, seconds_wanted
 from iscl_hw.transport import ApduLink, RawTransport
 
 __all__ = [
@@ -188,19 +189,15 @@ def add_reader_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _seconds(*, zero: bool) -> Callable[[str], float]:
-    """An argparse type: a finite number of seconds up to a day, above 0
-    (or from 0 with ``zero``), as the site file's seconds are."""
-    wanted = f"a number of seconds {'>= 0' if zero else '> 0'} and <= 86400"
+    """An argparse type: seconds as the site file takes them."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{wanted}, not {text!r}") from None
-        if not math.isfinite(value) or value < 0 or value > 86400:
-            raise argparse.ArgumentTypeError(f"{wanted}, not {text}")
-        if value == 0 and not zero:
-            raise argparse.ArgumentTypeError(f"{wanted}, not {text}")
+            value = math.nan
+        if not seconds_in_range(value, zero=zero):
+            raise argparse.ArgumentTypeError(f"{seconds_wanted(zero=zero)}, not {text}")
         return value
 
     return parse

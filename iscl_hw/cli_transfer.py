@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Final
 from iscl_hw import aio, eventloop
 from iscl_hw.card import Card
 from iscl_hw.cli_config import add_config_option, load_for_args
-from iscl_hw.errors import CardError, ConnectionLost, IsclError, LineClosed
+from iscl_hw.errors import ConnectionLost, IsclError, LineClosed
 from iscl_hw.filexfer import (
     CHUNK_MAGIC,
     DEFAULT_CHUNK_SIZE,
@@ -405,17 +405,10 @@ async def _send(
         raise
     except IsclError as exc:
         if not _not_reached(exc):
-            audit_authentication(
-                str(target),
-                None,
-                False,
-                str(exc),
-                role="client",
-                our_card=isinstance(exc, CardError),
-            )
+            audit_authentication(str(target), None, exc, role="client")
         raise
     audit_authentication(
-        channel.peer_address, channel.connection.auth_key_index, True, role="client"
+        channel.peer_address, channel.connection.auth_key_index, role="client"
     )
     refused = 0
     try:

@@ -79,7 +79,6 @@ from iscl_hw.card import Card
 from iscl_hw.core import Connection, Phase, Role
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import (
-    CardError,
     ConfigError,
     ConnectionLost,
     IsclError,
@@ -475,10 +474,7 @@ class IsclLine:
                 self._audit_failure(channel, exc)
             raise
         audit_authentication(
-            self.peer_address,
-            channel.connection.auth_key_index,
-            True,
-            role=self.role.value,
+            self.peer_address, channel.connection.auth_key_index, role=self.role.value
         )
         return channel
 
@@ -488,10 +484,8 @@ class IsclLine:
         audit_authentication(
             self.peer_address,
             channel.connection.auth_key_index,
-            False,
-            str(exc),
+            exc,
             role=self.role.value,
-            our_card=isinstance(exc, CardError),
         )
 
     async def _relay(self, channel: aio.AsyncChannel) -> None:

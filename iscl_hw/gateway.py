@@ -51,7 +51,6 @@ from iscl_hw.core import Phase, Role
 from iscl_hw.endpoint import Timeouts
 from iscl_hw.errors import (
     AuthenticationError,
-    CardError,
     ConfigError,
     ConnectionLost,
     IntegrityError,
@@ -811,12 +810,9 @@ async def _handshake(channel: aio.AsyncChannel, peer: str) -> aio.AsyncChannel:
     except BaseException as exc:
         await channel.abort()
         if isinstance(exc, IsclError) and not isinstance(exc, PeerNeverSpoke):
-            ours = isinstance(exc, CardError)
-            audit_authentication(
-                peer, key_index, False, str(exc), role=role, our_card=ours
-            )
+            audit_authentication(peer, key_index, exc, role=role)
         raise
-    audit_authentication(peer, key_index, True, role=role)
+    audit_authentication(peer, key_index, role=role)
     return channel
 
 

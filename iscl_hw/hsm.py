@@ -58,6 +58,10 @@ from iscl_hw.errors import (
 )
 from iscl_hw.softhsm import (
     CKR_OK,
+    CKR_PIN_INCORRECT,
+    CKR_PIN_INVALID,
+    CKR_PIN_LEN_RANGE,
+    CKR_PIN_LOCKED,
     CKR_USER_ALREADY_LOGGED_IN,
     CKR_USER_NOT_LOGGED_IN,
     CKU_USER,
@@ -445,9 +449,9 @@ class Token:
             return session
         _close_quietly(session)
         if rv == CKR_USER_ALREADY_LOGGED_IN:
-            # The token checks no PIN once logged in: ours is checked
-            # against the one the login was made with.
-            rv = 0x0A0  # CKR_PIN_INCORRECT
+            # The token checks no PIN once logged in: ours was checked
+            # against the one the login was made with, and differs.
+            rv = CKR_PIN_INCORRECT
         raise TokenError(f"token {self.name!r}: {_login_refusal(rv)}")
 
     def _require_login(self, pooled: _Session) -> None:
@@ -1102,9 +1106,9 @@ def _handle(session: pkcs11.Session) -> int:
 
 def _login_refusal(rv: int) -> str:
     """Why C_Login failed, for the user (never with the PIN)."""
-    if rv in (0x0A0, 0x0A1, 0x0A2):  # CKR_PIN_INCORRECT, _INVALID, _LEN_RANGE
+    if rv in (CKR_PIN_INCORRECT, CKR_PIN_INVALID, CKR_PIN_LEN_RANGE):
         return "the PIN was refused (C_Login)"
-    if rv == 0x0A4:  # CKR_PIN_LOCKED
+    if rv == CKR_PIN_LOCKED:
         return "the PIN is locked"
     return str(Pkcs11CallError("C_Login", rv))
 

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO
 
-from iscl_hw.errors import ConfigError
+from iscl_hw.errors import CardError, ConfigError, IsclError
 
 if TYPE_CHECKING:
     from iscl_hw.siteconfig import LoggingConfig
@@ -145,17 +145,18 @@ def format_peer(peer: object) -> str:
 def audit_authentication(
     peer: object,
     key_index: int | None,
-    ok: bool,
-    reason: str | None = None,
+    error: IsclError | None = None,
     *,
     role: str | None = None,
-    our_card: bool = False,
 ) -> None:
     """Record one authentication: ``peer`` (a socket address or text), the
     authentication key index (None if the handshake did not get that far),
-    whether it succeeded, and why not.  ``role`` is this side's role;
-    ``our_card`` says a failure was our own card's (or its reader's), not
-    the peer's."""
+    and the error that failed it (None: it succeeded).  ``role`` is this
+    side's role.  A failure of our own card (or its reader) is told apart
+    from the peer's."""
+    ok = error is None
+    reason = None if error is None else str(error)
+    our_card = isinstance(error, CardError)
     where = format_peer(peer)
     fields: dict[str, object] = {
         "event": "authentication",

@@ -80,6 +80,19 @@ _T = TypeVar("_T")
 # means no limit.
 _MAX_SECONDS = 86400.0
 
+
+def seconds_wanted(*, zero: bool) -> str:
+    """What a duration setting (site file or command line) must be."""
+    return f"a number of seconds {'>= 0' if zero else '> 0'} and <= {_MAX_SECONDS:g}"
+
+
+def seconds_in_range(value: float, *, zero: bool) -> bool:
+    """Finite, at most a day, above 0 (or from 0 with ``zero``)."""
+    if not math.isfinite(value) or not 0 <= value <= _MAX_SECONDS:
+        return False
+    return zero or value > 0
+
+
 _U32_MAX: Final = 0xFFFFFFFF
 _MAX_SESSIONS: Final = 64  # iscl_hw.hsm.MAX_SESSIONS, without importing pkcs11
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
@@ -558,20 +571,13 @@ class _Section:
         value = self.take(key)
         if value is _MISSING:
             return default
-        wanted = (
-            f"a number of seconds {'>= 0' if zero else '> 0'} and <= {_MAX_SECONDS:g}"
-        )
+        wanted = seconds_wanted(zero=zero)
         if none:
             wanted += ' or "none"'
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.problem(key, f"must be {wanted}, got {_kind(value)}")
             return default
-        if (
-            not math.isfinite(value)
-            or value < 0
-            or (value == 0 and not zero)
-            or value > _MAX_SECONDS
-        ):
+        if not seconds_in_range(value, zero=zero):
             self.problem(key, f"must be {wanted}, got {value}")
             return default
         return float(value)

@@ -22,7 +22,7 @@ from iscl_hw.cli_config import add_config_option, load_for_args
 from iscl_hw.constants import UNIQUE_SESSION_KEYS, EncryptionMethod, MacMethod
 from iscl_hw.crypto import Padding
 from iscl_hw.endpoint import Timeouts
-from iscl_hw.errors import ConfigError
+from iscl_hw.errors import ConfigError, PeerAuthenticationFailed
 from iscl_hw.hsm import KeyKind, Token, TokenConfig
 from iscl_hw.keyfile import KeyStore, write_key_file
 from iscl_hw.settings import ChainStart, IvPolicy, MacKeyPolicy, Settings
@@ -1017,9 +1017,11 @@ def test_audit_records_every_authentication(
     oplog.configure_logging(
         LoggingConfig(level="ERROR", audit_file=audit_file), stream=stream
     )
-    oplog.audit_authentication(("10.0.0.7", 40000), 2, True, role="server")
+    oplog.audit_authentication(("10.0.0.7", 40000), 2, role="server")
     oplog.audit_authentication(
-        ("::1", 40001, 0, 0), None, False, "the peer's answer is wrong"
+        ("::1", 40001, 0, 0),
+        None,
+        PeerAuthenticationFailed("the peer's answer is wrong"),
     )
     records = [json.loads(line) for line in audit_file.read_text().splitlines()]
     assert [r["outcome"] for r in records] == ["success", "failure"]
@@ -1029,7 +1031,10 @@ def test_audit_records_every_authentication(
     assert records[0]["reason"] is None
     assert records[1]["peer"] == "[::1]:40001"
     assert records[1]["key_index"] is None
-    assert records[1]["reason"] == "the peer's answer is wrong"
+    assert records[1]["reason"] == (
+        "the peer's answer is wrong (ISCL error 103 REMOTE_ICCARD)"
+    )
+    assert records[1]["failed_on"] == "peer or line"
     assert all(r["event"] == "authentication" and r["time"] for r in records)
     # The site's log gets them too, whatever its level.
     lines = stream.getvalue().splitlines()
